@@ -1,0 +1,260 @@
+"""Every message that crosses a socket between stages.
+
+Invariants:
+- Each message is a tagged ``msgspec.Struct`` (``array_like`` so the wire carries no field
+  names); the tag is the dispatch key. Each class docstring names producer → consumer.
+- Schemas evolve append-only: new fields go last and carry a default; a field is never
+  renamed, retyped or removed. ``SCHEMA_VERSION`` is bumped when a field is appended, and a
+  receiver refuses envelopes whose version is newer than its own (see ``transport.codec``).
+- Token ids, logprobs, version spans and expert routing are numpy arrays; the codec sends
+  them as raw buffers (separate zero-copy frames when large), never as lists of ints.
+- Arrays decoded from the wire are read-only views of the received frames: copy before
+  writing to them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Union
+
+import msgspec
+import numpy as np
+
+SCHEMA_VERSION = 1
+"""Bumped whenever a field is appended to any message below."""
+
+
+class Envelope(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """Every sender → every receiver: frame 0 of each multipart message.
+
+    Decoded before the body so that a message from a newer schema, or with a tag this
+    receiver does not know, can be refused while still naming who sent it.
+    """
+
+    schema_version: int
+    """``SCHEMA_VERSION`` of the sender."""
+    msg_id: int
+    """Per-sender monotonically increasing id (starts at 1)."""
+    sender: str
+    """``stage/replica`` name of the sending process, e.g. ``rollout/1``."""
+    sent_at: float
+    """Sender's ``time.time()`` when encoded."""
+    tag: str
+    """Tag of the body, duplicated here so a receiver can name unknown tags in its log."""
+
+
+# --------------------------------------------------------------------------- work stream
+
+
+class PromptGroup(msgspec.Struct, tag="prompt_group", array_like=True, gc=False):
+    """source → rollout (PUSH/PULL): one prompt to be sampled ``n_samples`` times."""
+
+    group_id: str
+    """Unique id of this prompt group (stable across reissues)."""
+    prompt_ids: np.ndarray
+    """Prompt token ids, int32 [P]."""
+    answer: str
+    """Ground truth the reward function checks against (may be empty)."""
+    task: str
+    """Task name; selects the reward function in the reward stage."""
+    n_samples: int
+    """G: completions to sample for this prompt."""
+    issued_version: int
+    """Learner weight version the source saw when it issued the group."""
+    attempt: int = 0
+    """0 on first issue; incremented on each reissue after a lease expiry."""
+    prompt_text: str = ""
+    """Human-readable prompt, for logs and reward functions that want text."""
+
+
+class Sample(msgspec.Struct, array_like=True, gc=False):
+    """One completion inside a ``Rollout`` (not sent alone)."""
+
+    token_ids: np.ndarray
+    """Sampled completion token ids, int32 [T]."""
+    logprobs: np.ndarray
+    """Engine logprob of each sampled token, float32 [T], from the logits it sampled with."""
+    version_spans: np.ndarray
+    """int32 [S, 2]: rows (first_token_index, weight_version); span i covers tokens from its
+    index up to the next row's index. One row unless weights changed mid-generation."""
+    finish_reason: str
+    """``stop`` (stop id sampled), ``length`` (max tokens) or ``abort``."""
+    routed_experts: np.ndarray | None = None
+    """MoE only: uint16 [T, moe_layers, top_k] experts the engine routed each token to."""
+
+
+class Rollout(msgspec.Struct, tag="rollout", array_like=True, gc=False):
+    """rollout → reward (PUSH/PULL): the G completions of one prompt group."""
+
+    group: PromptGroup
+    """The prompt group as issued (carries ids, prompt and answer)."""
+    samples: list[Sample]
+    """G completions, in sampling order."""
+    engine_id: str
+    """``stage/replica`` of the engine that produced them."""
+    gen_seconds: float = 0.0
+    """Wall time from the group's arrival at the engine to its last token."""
+
+
+class ScoredGroup(msgspec.Struct, tag="scored_group", array_like=True, gc=False):
+    """reward → logprob (PUSH/PULL): a rollout with one reward per sample."""
+
+    rollout: Rollout
+    rewards: np.ndarray
+    """float32 [G] reward of each sample."""
+    reward_errors: list[str] = []
+    """One entry per sample whose reward function raised or timed out ("" when fine)."""
+
+
+class TrainGroup(msgspec.Struct, tag="train_group", array_like=True, gc=False):
+    """logprob → learner (PUSH/PULL): a scored group ready to train on."""
+
+    scored: ScoredGroup
+    ref_logprobs: list[np.ndarray] | None = None
+    """Reference-model logprob of each completion token (float32 [T] per sample), or None
+    when the loss has no KL term."""
+    logprob_version: int = -1
+    """Policy version the logprob stage held (-1: no policy copy)."""
+
+
+class GroupFailed(msgspec.Struct, tag="group_failed", array_like=True, gc=False):
+    """any work stage → learner (PUSH/PULL): a group that cannot be trained, with why.
+
+    Lets every issued group reach exactly one terminal state (trained, stale or failed).
+    """
+
+    group_id: str
+    reason: str
+    stage: str
+
+
+# --------------------------------------------------------------------------- broadcasts
+
+
+class DroppedGroup(msgspec.Struct, array_like=True, gc=False):
+    """A group the learner will never train, and why (inside ``Progress``)."""
+
+    group_id: str
+    reason: str
+    """``stale``, ``duplicate`` or ``failed: ...``."""
+
+
+class Progress(msgspec.Struct, tag="progress", array_like=True, gc=False):
+    """learner → source, rollout, supervisor (PUB/SUB): what was consumed at a step."""
+
+    step: int
+    """Optimizer steps taken so far."""
+    version: int
+    """Weight version after this step (equals ``step`` unless steps were skipped)."""
+    consumed_ids: list[str]
+    """Group ids trained on in this step."""
+    dropped: list[DroppedGroup] = []
+    """Group ids that reached a terminal state other than trained in this step."""
+
+
+class WeightsReady(msgspec.Struct, tag="weights_ready", array_like=True, gc=False):
+    """publisher → rollout, logprob, source, supervisor (PUB/SUB): a version is live."""
+
+    version: int
+    manifest_path: str = ""
+    """Where the manifest of this version lives (shm transport)."""
+    transport: str = "shm"
+    num_bytes: int = 0
+    publish_seconds: float = 0.0
+
+
+class ControlCommand(enum.Enum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    DRAIN = "drain"
+    SHUTDOWN = "shutdown"
+
+
+class Control(msgspec.Struct, tag="control", array_like=True, gc=False):
+    """supervisor → every stage (PUB/SUB): pause, resume, drain or shut down."""
+
+    command: ControlCommand
+    target: str = "*"
+    """``*`` for all, a stage kind (``rollout``) or one replica (``rollout/1``)."""
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True, gc=False):
+    """every process → supervisor (PUSH/PULL): I am alive, and this is what I hold."""
+
+    stage: str
+    replica: int
+    pid: int
+    state: str = "running"
+    """``starting``, ``running``, ``draining`` or ``stopped``."""
+    in_flight: int = 0
+    """Work items accepted but not yet passed on."""
+    processed: int = 0
+    """Work items passed on since start."""
+    weight_version: int = -1
+
+
+class Metrics(msgspec.Struct, tag="metrics", array_like=True, gc=False):
+    """any stage → supervisor (PUSH/PULL): named scalar figures at a step."""
+
+    stage: str
+    step: int
+    values: dict[str, float]
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+class Hello(msgspec.Struct, tag="hello", array_like=True, gc=False):
+    """subscriber → publisher's sync socket (DEALER/ROUTER): join, echo ``nonce`` on PUB."""
+
+    nonce: str
+
+
+class Welcome(msgspec.Struct, tag="welcome", array_like=True, gc=False):
+    """publisher → subscriber (PUB/SUB): the subscription carrying ``nonce`` is live."""
+
+    nonce: str
+    seq: int
+
+
+class SnapshotRequest(msgspec.Struct, tag="snapshot_request", array_like=True, gc=False):
+    """subscriber → publisher's sync socket: send me the last message of every topic."""
+
+    nonce: str
+
+
+class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, gc=False):
+    """publisher → subscriber (ROUTER/DEALER): last-value cache, as encoded frames.
+
+    ``seq`` is the publisher sequence number at snapshot time; PUB messages with a lower
+    or equal sequence are already reflected here and are discarded by the subscriber.
+    """
+
+    seq: int
+    messages: list[list[bytes]]
+
+
+Message = Union[
+    PromptGroup,
+    Rollout,
+    ScoredGroup,
+    TrainGroup,
+    GroupFailed,
+    Progress,
+    WeightsReady,
+    Control,
+    Heartbeat,
+    Metrics,
+    Hello,
+    Welcome,
+    SnapshotRequest,
+    Snapshot,
+]
+"""Every wire message; the codec decodes bodies against this tagged union."""
+
+MESSAGE_TYPES: tuple[type, ...] = Message.__args__  # type: ignore[attr-defined]
+TAGS: dict[str, type] = {t.__struct_config__.tag: t for t in MESSAGE_TYPES}

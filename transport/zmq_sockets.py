@@ -1,0 +1,300 @@
+"""ZeroMQ channels on asyncio: PUSH/PULL, PUB/SUB with a ready handshake, ROUTER/DEALER.
+
+Invariants:
+- Every socket sets bounded HWMs, a linger and a per-frame max size (``MAXMSGSIZE``) at
+  creation; the codec additionally refuses messages whose frames sum past the limit.
+- Work goes PUSH → PULL only: a full PULL queue blocks the pusher (back-pressure), nothing
+  is dropped. PUB is for broadcasts only; it drops for slow subscribers by ZeroMQ design,
+  so broadcasts carry state (latest version, progress), never work.
+- PUB/SUB ready handshake: a subscriber connects SUB, then says ``Hello(nonce)`` on the
+  publisher's sync ROUTER until it sees ``Welcome(nonce)`` on SUB (its subscription is
+  live), then asks for a ``Snapshot`` (last message of each topic plus the sequence number
+  it reflects). PUB frames carry a sequence number; anything at or below the snapshot's is
+  discarded. A late joiner therefore misses nothing it needs and sees nothing twice.
+- ``close()`` is idempotent and closes the zmq socket with the configured linger.
+
+Failure behaviour: a handshake that gets no Welcome within ``timeout`` raises
+``TimeoutError`` naming both addresses; bad input is skipped and counted (``base``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import uuid
+from typing import Any, Sequence
+
+import zmq
+import zmq.asyncio
+
+from schemas.messages import Envelope, Hello, Message, Snapshot, SnapshotRequest, Welcome
+from transport.base import (
+    DEFAULT_HWM,
+    DEFAULT_LINGER_MS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Receiver,
+    Sender,
+    log,
+)
+
+HANDSHAKE_RETRY_S = 0.1
+"""How often a subscriber repeats Hello while its subscription propagates (usually < 10 ms
+on loopback; a retry costs one tiny message)."""
+_SEQ = struct.Struct(">Q")
+
+
+def context() -> zmq.asyncio.Context:
+    return zmq.asyncio.Context.instance()
+
+
+def _make_socket(kind: int, hwm: int, linger_ms: int, max_message_bytes: int) -> zmq.asyncio.Socket:
+    sock = context().socket(kind)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    return sock
+
+
+def _attach(sock: zmq.asyncio.Socket, address: str, bind: bool) -> str:
+    """Bind or connect; returns the concrete address (``tcp://127.0.0.1:*`` gets its port)."""
+    if bind:
+        sock.bind(address)
+        return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    sock.connect(address)
+    return address
+
+
+class _ZmqChannel:
+    """Owns one zmq socket; mixed into Sender/Receiver classes below."""
+
+    sock: zmq.asyncio.Socket
+
+    def _open(self, kind: int, address: str, bind: bool, hwm: int, linger_ms: int, max_bytes: int) -> None:
+        self.sock = _make_socket(kind, hwm, linger_ms, max_bytes)
+        self.address = _attach(self.sock, address, bind)
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.sock.close()
+
+
+class PushChannel(_ZmqChannel, Sender):
+    """Work producer end: load-balances over connected PULL peers; blocks when all are full."""
+
+    def __init__(self, address: str, *, bind: bool, sender: str, name: str = "push",
+                 hwm: int = DEFAULT_HWM, linger_ms: int = DEFAULT_LINGER_MS,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        Sender.__init__(self, name, sender, max_message_bytes)
+        self._open(zmq.PUSH, address, bind, hwm, linger_ms, max_message_bytes)
+
+    async def send(self, msg: Message) -> None:
+        await self.sock.send_multipart(self.codec.encode(msg), copy=False)
+        self.stats.sent += 1
+
+
+class PullChannel(_ZmqChannel, Receiver):
+    """Work consumer end."""
+
+    def __init__(self, address: str, *, bind: bool, sender: str, name: str = "pull",
+                 hwm: int = DEFAULT_HWM, linger_ms: int = DEFAULT_LINGER_MS,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        Receiver.__init__(self, name, sender, max_message_bytes)
+        self._open(zmq.PULL, address, bind, hwm, linger_ms, max_message_bytes)
+
+    async def recv_envelope(self) -> tuple[Envelope, Message]:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            got = self._accept(frames)
+            if got is not None:
+                return got
+
+
+class PubChannel(_ZmqChannel, Sender):
+    """Broadcast end with a last-value cache per topic (the message tag) and a sync ROUTER.
+
+    Must be created inside a running event loop: it serves handshakes in a background task.
+    """
+
+    def __init__(self, address: str, sync_address: str, *, sender: str, name: str = "pub",
+                 hwm: int = 1000, linger_ms: int = DEFAULT_LINGER_MS,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        Sender.__init__(self, name, sender, max_message_bytes)
+        self._open(zmq.PUB, address, True, hwm, linger_ms, max_message_bytes)
+        self.sync = _make_socket(zmq.ROUTER, hwm, linger_ms, max_message_bytes)
+        self.sync_address = _attach(self.sync, sync_address, True)
+        self.seq = 0
+        self.last: dict[str, list[bytes]] = {}
+        self._server = asyncio.get_running_loop().create_task(self._serve_sync())
+
+    async def send(self, msg: Message) -> None:
+        frames = self.codec.encode(msg)
+        tag = type(msg).__struct_config__.tag
+        self.seq += 1
+        if tag != "welcome":
+            self.last[tag] = [bytes(memoryview(f).cast("B")) for f in frames]
+        await self.sock.send_multipart([tag.encode(), _SEQ.pack(self.seq), *frames], copy=False)
+        self.stats.sent += 1
+
+    async def _serve_sync(self) -> None:
+        while True:
+            ident, *frames = await self.sync.recv_multipart(copy=False)
+            got = self._accept(frames)
+            if got is None:
+                continue
+            _, msg = got
+            if isinstance(msg, Hello):
+                await self.send(Welcome(msg.nonce, self.seq + 1))
+            elif isinstance(msg, SnapshotRequest):
+                snap = Snapshot(self.seq, list(self.last.values()))
+                await self.sync.send_multipart([ident, *self.codec.encode(snap)])
+
+    def close(self) -> None:
+        if not self._closed:
+            self._server.cancel()
+            self.sync.close()
+        super().close()
+
+
+class SubChannel(_ZmqChannel, Receiver):
+    """Broadcast receiver; call ``await ready()`` (the handshake) before relying on it."""
+
+    def __init__(self, address: str, sync_address: str, *, sender: str, name: str = "sub",
+                 topics: Sequence[str] = ("",), hwm: int = 1000, linger_ms: int = DEFAULT_LINGER_MS,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        Receiver.__init__(self, name, sender, max_message_bytes)
+        self._open(zmq.SUB, address, False, hwm, linger_ms, max_message_bytes)
+        for t in {*topics, "welcome"} if "" not in topics else {""}:
+            self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+        self.topics = tuple(topics)
+        self.sync = _make_socket(zmq.DEALER, hwm, 0, max_message_bytes)
+        self.sync.connect(sync_address)
+        self.sync_address = sync_address
+        self.snapshot_seq = 0
+        self._pending: list[tuple[Envelope, Message]] = []
+        self._early: list[tuple[int, Sequence[Any]]] = []
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        """Handshake: returns once every later broadcast will reach this subscriber."""
+        nonce = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if loop.time() > deadline:
+                raise TimeoutError(f"no Welcome from {self.address} (sync {self.sync_address}) in {timeout}s")
+            await self.sync.send_multipart(self.codec.encode(Hello(nonce)))
+            if await self._await_welcome(nonce, loop.time() + HANDSHAKE_RETRY_S):
+                break
+        await self.sync.send_multipart(self.codec.encode(SnapshotRequest(nonce)))
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not await self.sync.poll(remaining * 1000):
+                raise TimeoutError(f"no Snapshot from {self.sync_address} in {timeout}s")
+            got = self._accept(await self.sync.recv_multipart(copy=False))
+            if got is not None and isinstance(got[1], Snapshot):
+                break
+        snap: Snapshot = got[1]
+        self.snapshot_seq = snap.seq
+        for frames in snap.messages:
+            m = self._accept(frames)
+            if m is not None and self._wanted(m[0].tag):
+                self._pending.append(m)
+        # Messages that arrived on SUB during the handshake, newer than the snapshot.
+        for seq, frames in self._early:
+            if seq > self.snapshot_seq:
+                m = self._accept(frames)
+                if m is not None and not isinstance(m[1], Welcome):
+                    self._pending.append(m)
+        self._early.clear()
+
+    def _wanted(self, tag: str) -> bool:
+        return any(tag.startswith(t) for t in self.topics)
+
+    async def _await_welcome(self, nonce: str, until: float) -> bool:
+        loop = asyncio.get_running_loop()
+        while (remaining := until - loop.time()) > 0:
+            if not await self.sock.poll(remaining * 1000):
+                return False
+            _, seq_b, *frames = await self.sock.recv_multipart(copy=False)
+            seq = _SEQ.unpack(seq_b.bytes)[0]
+            try:
+                env = self.codec.decode_envelope(frames)
+            except Exception:
+                self._early.append((seq, frames))
+                continue
+            if env.tag == "welcome":
+                _, msg = self.codec.decode(frames)
+                if msg.nonce == nonce:
+                    return True
+                continue
+            self._early.append((seq, frames))
+        return False
+
+    async def recv_envelope(self) -> tuple[Envelope, Message]:
+        if self._pending:
+            return self._pending.pop(0)
+        while True:
+            _, seq_b, *frames = await self.sock.recv_multipart(copy=False)
+            if _SEQ.unpack(seq_b.bytes)[0] <= self.snapshot_seq:
+                continue
+            got = self._accept(frames)
+            if got is not None and not isinstance(got[1], Welcome):
+                return got
+
+    def close(self) -> None:
+        if not self._closed:
+            self.sync.close()
+        super().close()
+
+
+class RouterChannel(_ZmqChannel, Receiver):
+    """Request/reply server end: ``recv_from`` gives the peer identity to ``send_to``."""
+
+    def __init__(self, address: str, *, sender: str, name: str = "router", bind: bool = True,
+                 hwm: int = DEFAULT_HWM, linger_ms: int = DEFAULT_LINGER_MS,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        Receiver.__init__(self, name, sender, max_message_bytes)
+        self._open(zmq.ROUTER, address, bind, hwm, linger_ms, max_message_bytes)
+
+    async def recv_from(self) -> tuple[bytes, Envelope, Message]:
+        while True:
+            ident, *frames = await self.sock.recv_multipart(copy=False)
+            got = self._accept(frames)
+            if got is not None:
+                return ident.bytes, got[0], got[1]
+
+    async def recv_envelope(self) -> tuple[Envelope, Message]:
+        _, env, msg = await self.recv_from()
+        return env, msg
+
+    async def send_to(self, ident: bytes, msg: Message) -> None:
+        await self.sock.send_multipart([ident, *self.codec.encode(msg)], copy=False)
+        self.stats.sent += 1
+
+
+class DealerChannel(_ZmqChannel, Sender, Receiver):
+    """Request/reply client end."""
+
+    def __init__(self, address: str, *, sender: str, name: str = "dealer", bind: bool = False,
+                 hwm: int = DEFAULT_HWM, linger_ms: int = DEFAULT_LINGER_MS,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        Receiver.__init__(self, name, sender, max_message_bytes)
+        self._open(zmq.DEALER, address, bind, hwm, linger_ms, max_message_bytes)
+
+    async def send(self, msg: Message) -> None:
+        await self.sock.send_multipart(self.codec.encode(msg), copy=False)
+        self.stats.sent += 1
+
+    async def recv_envelope(self) -> tuple[Envelope, Message]:
+        while True:
+            got = self._accept(await self.sock.recv_multipart(copy=False))
+            if got is not None:
+                return got
+
+
+__all__ = [
+    "PushChannel", "PullChannel", "PubChannel", "SubChannel", "RouterChannel", "DealerChannel",
+    "context",
+]
