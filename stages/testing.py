@@ -1,0 +1,43 @@
+"""Fakes and builders shared by every test (and by benchmarks); never imported by stages.
+
+Engineers append builders here rather than copying them into test files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from schemas.messages import PromptGroup, Rollout, Sample, ScoredGroup, TrainGroup
+
+
+def make_prompt_group(group_id: str = "g0", prompt_len: int = 8, n_samples: int = 4, *,
+                      answer: str = "", task: str = "repeat", version: int = 0, seed: int = 0) -> PromptGroup:
+    rng = np.random.default_rng(seed)
+    return PromptGroup(group_id, rng.integers(3, 95, prompt_len, dtype=np.int32), answer, task,
+                       n_samples, version)
+
+
+def make_sample(length: int = 16, *, version: int = 0, seed: int = 0, finish_reason: str = "stop") -> Sample:
+    rng = np.random.default_rng(seed)
+    return Sample(
+        token_ids=rng.integers(3, 95, length, dtype=np.int32),
+        logprobs=-rng.random(length, dtype=np.float32),
+        version_spans=np.array([[0, version]], dtype=np.int32),
+        finish_reason=finish_reason,
+    )
+
+
+def make_rollout(group_id: str = "g0", n_samples: int = 4, length: int = 16, *, version: int = 0,
+                 seed: int = 0, prompt_len: int = 8, answer: str = "") -> Rollout:
+    group = make_prompt_group(group_id, prompt_len, n_samples, answer=answer, version=version, seed=seed)
+    samples = [make_sample(length, version=version, seed=seed * 1000 + i) for i in range(n_samples)]
+    return Rollout(group, samples, "rollout/0")
+
+
+def make_train_group(group_id: str = "g0", n_samples: int = 4, length: int = 16, *, version: int = 0,
+                     seed: int = 0, rewards: np.ndarray | None = None, with_ref: bool = False) -> TrainGroup:
+    rollout = make_rollout(group_id, n_samples, length, version=version, seed=seed)
+    if rewards is None:
+        rewards = np.random.default_rng(seed).random(n_samples, dtype=np.float32)
+    ref = [s.logprobs.copy() for s in rollout.samples] if with_ref else None
+    return TrainGroup(ScoredGroup(rollout, np.asarray(rewards, np.float32)), ref)
