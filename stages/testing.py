@@ -41,3 +41,16 @@ def make_train_group(group_id: str = "g0", n_samples: int = 4, length: int = 16,
         rewards = np.random.default_rng(seed).random(n_samples, dtype=np.float32)
     ref = [s.logprobs.copy() for s in rollout.samples] if with_ref else None
     return TrainGroup(ScoredGroup(rollout, np.asarray(rewards, np.float32)), ref)
+
+
+def messages_equal(a, b) -> bool:
+    """Structural equality of messages, comparing arrays by dtype, shape and value."""
+    import msgspec
+
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all())
+    if isinstance(a, msgspec.Struct):
+        return type(a) is type(b) and all(messages_equal(getattr(a, f), getattr(b, f)) for f in a.__struct_fields__)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(messages_equal(x, y) for x, y in zip(a, b))
+    return a == b
