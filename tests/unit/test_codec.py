@@ -7,15 +7,16 @@ from hypothesis import given, settings, strategies as st
 
 from schemas import messages as m
 from stages.testing import make_rollout, make_train_group, messages_equal
-from transport.codec import ZERO_COPY_MIN_BYTES, Codec, DecodeError
+from transport.codec import INLINE_MAX_BYTES, OWN_FRAME_MIN_BYTES, Codec, DecodeError
 
 DTYPES = [np.int32, np.float32, np.uint16, np.int64, np.float64]
 
 
 def arrays(dtype=None, ndim=1):
     dt = st.sampled_from(DTYPES) if dtype is None else st.just(dtype)
-    # 0 (empty) up to well past the zero-copy threshold, so both encodings are covered.
-    length = st.one_of(st.integers(0, 8), st.integers(ZERO_COPY_MIN_BYTES // 4, ZERO_COPY_MIN_BYTES))
+    # Empty, inline, pooled and own-frame sizes (in elements of up to 8 bytes).
+    length = st.one_of(st.integers(0, 8), st.integers(INLINE_MAX_BYTES // 4, 4 * INLINE_MAX_BYTES),
+                       st.just(OWN_FRAME_MIN_BYTES // 4 + 3))
     return st.builds(lambda d, n, seed: np.random.default_rng(seed).integers(0, 1000, n).astype(d),
                      dt, length, st.integers(0, 2**16))
 
@@ -79,15 +80,19 @@ def test_round_trip(msg):
     assert messages_equal(msg, back)
 
 
-def test_large_arrays_travel_as_frames_and_decode_zero_copy():
-    tg = make_train_group(length=4096)
+def test_arrays_decode_as_zero_copy_views_of_pool_and_own_frames():
+    tg = make_train_group(length=4096, with_ref=True)
+    tg.ref_logprobs[0] = np.arange(OWN_FRAME_MIN_BYTES // 4, dtype=np.float32)  # own frame
     frames = Codec("a").encode(tg)
-    assert len(frames) == 2 + 2 * 4  # token ids + logprobs of 4 samples, each 16 KiB
+    assert len(frames) == 4  # envelope, body, pool (16 KiB arrays), one large array
     wire = [bytes(memoryview(f).cast("B")) for f in frames]
     _, back = Codec("b").decode(wire)
-    arr = back.scored.rollout.samples[0].token_ids
-    assert not arr.flags.writeable and not arr.flags.owndata  # a view of the frame, no copy
-    assert np.frombuffer(wire[2], np.int32).__array_interface__["data"][0] == arr.__array_interface__["data"][0]
+    base = lambda a: a.__array_interface__["data"][0]  # noqa: E731
+    pooled, large = back.scored.rollout.samples[1].token_ids, back.ref_logprobs[0]
+    assert not pooled.flags.writeable and not pooled.flags.owndata and pooled.flags.aligned
+    assert base(np.frombuffer(wire[2], np.uint8)) <= base(pooled) < base(np.frombuffer(wire[2], np.uint8)) + len(wire[2])
+    assert base(large) == base(np.frombuffer(wire[3], np.uint8))
+    assert messages_equal(tg, back)
 
 
 def test_msg_ids_increase_per_sender():
@@ -117,7 +122,7 @@ def test_oversize_is_refused_naming_sender():
 
 
 def test_array_frame_reference_out_of_range_is_malformed():
-    frames = Codec("s").encode(make_rollout(length=4096))
+    frames = Codec("s").encode(make_train_group(length=OWN_FRAME_MIN_BYTES // 4))
     with pytest.raises(DecodeError) as e:
-        Codec("r").decode(frames[:3])
+        Codec("r").decode(frames[:4])
     assert e.value.reason == "malformed"
