@@ -238,6 +238,57 @@ class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, gc=False):
     messages: list[list[bytes]]
 
 
+# --------------------------------------------------------------------------- work queue
+
+
+class Credit(msgspec.Struct, tag="credit", array_like=True, gc=False):
+    """stage replica → supervisor's work broker (DEALER/ROUTER): send me ``n`` more items.
+
+    Work is handed out only against credit, so a replica never holds more than it asked
+    for: draining one means it stops asking and finishes what it holds.
+    """
+
+    n: int
+    worker: str
+    """``stage/replica`` of the asking worker."""
+
+
+# --------------------------------------------------------------------------- operator
+
+
+class ScaleRequest(msgspec.Struct, tag="scale_request", array_like=True, gc=False):
+    """``pipeline scale`` → supervisor (DEALER/ROUTER): run ``replicas`` of ``stage``."""
+
+    stage: str
+    replicas: int
+
+
+class StatusRequest(msgspec.Struct, tag="status_request", array_like=True, gc=False):
+    """``pipeline status`` → supervisor (DEALER/ROUTER)."""
+
+
+class StageStatus(msgspec.Struct, array_like=True, gc=False):
+    stage: str
+    replicas: int
+    alive: int
+    restarts: int
+    queue_depth: int = 0
+    processed: int = 0
+
+
+class StatusReply(msgspec.Struct, tag="status_reply", array_like=True, gc=False):
+    """supervisor → ``pipeline status`` / ``pipeline scale`` (ROUTER/DEALER)."""
+
+    ok: bool
+    detail: str
+    stages: list[StageStatus]
+    step: int = 0
+    weight_version: int = -1
+    reward_mean: float = 0.0
+    samples_per_s: float = 0.0
+    staleness_mean: float = 0.0
+
+
 Message = Union[
     PromptGroup,
     Rollout,
@@ -253,6 +304,10 @@ Message = Union[
     Welcome,
     SnapshotRequest,
     Snapshot,
+    Credit,
+    ScaleRequest,
+    StatusRequest,
+    StatusReply,
 ]
 """Every wire message; the codec decodes bodies against this tagged union."""
 

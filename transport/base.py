@@ -39,7 +39,6 @@ class SocketStats:
 
     sent: int = 0
     received: int = 0
-    bytes_received: int = 0
     rejected: dict[str, int] = field(default_factory=lambda: {r: 0 for r in REJECT_REASONS})
 
 

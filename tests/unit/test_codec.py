@@ -61,12 +61,19 @@ MESSAGES = st.one_of(
     st.builds(m.Hello, texts),
     st.builds(m.Welcome, texts, ints),
     st.builds(m.SnapshotRequest, texts),
+    st.builds(m.Credit, ints, texts),
+    st.builds(m.ScaleRequest, texts, ints),
+    st.builds(m.StatusRequest),
+    st.builds(m.StatusReply, st.booleans(), texts,
+              st.lists(st.builds(m.StageStatus, texts, ints, ints, ints, ints, ints), max_size=3),
+              ints, ints, st.floats(allow_nan=False), st.floats(allow_nan=False), st.floats(allow_nan=False)),
 )
 
 
 def test_every_message_type_is_covered():
     covered = {"prompt_group", "rollout", "scored_group", "train_group", "group_failed", "progress",
-               "weights_ready", "control", "heartbeat", "metrics", "hello", "welcome", "snapshot_request"}
+               "weights_ready", "control", "heartbeat", "metrics", "hello", "welcome", "snapshot_request",
+               "credit", "scale_request", "status_request", "status_reply"}
     assert covered | {"snapshot"} == set(m.TAGS)  # Snapshot is covered by the PUB/SUB tests
 
 

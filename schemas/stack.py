@@ -1,0 +1,224 @@
+"""The stack file: one TOML that describes a whole pipeline run, decoded into typed Structs.
+
+Invariants:
+- Every section forbids unknown fields; a typo is an error naming the file and the field.
+- Cross-field rules live in ``Stack.validate()`` and raise ``StackError`` with a message
+  naming the field (e.g. ``rollout.replicas``) and what is wrong.
+- Addresses not given are assigned at ``pipeline up`` time (free loopback ports) and written
+  to ``endpoints.json`` in the run directory; stages never invent addresses.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+_CFG = dict(forbid_unknown_fields=True, kw_only=True)
+
+
+class StackError(ValueError):
+    """A stack file is invalid; the message names the file, the field and the problem."""
+
+
+class RunSection(msgspec.Struct, **_CFG):
+    name: str = "run"
+    """Run name, shown in the terminal and logs."""
+    dir: str = ""
+    """Run directory (logs, metrics, recordings, checkpoints). Default: ``runs/<name>``."""
+    seed: int = 0
+    """Seed for data order, sampling and model init."""
+    max_staleness: int = 2
+    """Largest allowed gap (in weight versions) between the learner and the weights that
+    produced a sample's oldest token; 0 makes the pipeline synchronous."""
+    record: list[str] = []
+    """Sockets whose received traffic is recorded to ``<dir>/recordings/`` (e.g. ``rollouts``)."""
+    bind_host: str = "127.0.0.1"
+    """Host that auto-assigned TCP addresses bind to."""
+
+
+class ModelSection(msgspec.Struct, **_CFG):
+    name: str = "tiny"
+    """Built-in shape (``tiny``, ``tiny-moe``, ``qwen3-0.6b``, ``qwen3-1.7b``) or a local
+    Hugging Face checkpoint directory."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of inference copies (engines, logprob); the learner keeps fp32 masters."""
+
+
+class TaskSection(msgspec.Struct, **_CFG):
+    name: str = "repeat"
+    """Built-in task name, or ``module:function`` returning a task."""
+    dataset: str = ""
+    """Optional jsonl/parquet file of prompts; empty uses the task's own generator."""
+    prompt_field: str = "prompt"
+    """Dataset field holding the prompt text."""
+    answer_field: str = "answer"
+    """Dataset field holding the answer the reward checks against."""
+    reward: str = ""
+    """Optional ``module:function(completion, answer) -> float`` overriding the task's reward."""
+
+
+class SourceSection(msgspec.Struct, **_CFG):
+    replicas: int = 1
+    """Always 1: the source owns the cursor and the issued set."""
+    group_size: int = 8
+    """G: completions sampled per prompt (GRPO group size)."""
+    lease_s: float = 120.0
+    """A group not consumed within this many seconds is reissued (at-least-once)."""
+
+
+class RolloutSection(msgspec.Struct, **_CFG):
+    replicas: int = 2
+    """Engine processes; each pulls prompt groups from the same queue."""
+    engine: Literal["torch", "vllm"] = "torch"
+    """``torch`` (built-in, CPU or GPU) or ``vllm`` (GPU)."""
+    device: str = "cpu"
+    """Torch device of the engine (``cpu``, ``cuda``, ``cuda:1``)."""
+    max_batch: int = 64
+    """Sequences decoded together at most."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_tokens: int = 16
+    """Completion tokens per sample at most."""
+    weight_transport: Literal["shm", "cuda_ipc", "nccl"] = "shm"
+    """How this engine receives weights from the publisher."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM only: fraction of GPU memory the engine may take."""
+
+
+class RewardSection(msgspec.Struct, **_CFG):
+    replicas: int = 1
+    """Reward processes."""
+    timeout_s: float = 5.0
+    """Per-sample time limit; a reward that runs longer scores 0 and is counted."""
+    workers: int = 1
+    """Worker processes per reward replica running the reward functions."""
+
+
+class LogprobSection(msgspec.Struct, **_CFG):
+    replicas: int = 1
+    """Logprob processes."""
+    reference: bool = False
+    """Compute reference-model logprobs (needed when ``learner.kl_coef > 0``)."""
+    device: str = "cpu"
+    """Torch device of the reference model."""
+
+
+class LearnerSection(msgspec.Struct, **_CFG):
+    world_size: int = 1
+    """FSDP2 ranks (processes); gloo on CPU, NCCL on GPU."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda`` (rank r uses ``cuda:r``)."""
+    loss: Literal["grpo", "ppo"] = "grpo"
+    """GRPO (group-normalised advantages, on-policy ratio) or PPO clipped objective."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear LR warm-up steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    clip_eps: float = 0.2
+    """PPO clip range."""
+    tis_cap: float = 2.0
+    """Truncated importance-sampling cap on trainer/engine probability ratios."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the reference model (needs ``logprob.reference``)."""
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    """How token losses are averaged."""
+    groups_per_step: int = 8
+    """Prompt groups per optimizer step."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed micro-batch."""
+    checkpoint_every: int = 10
+    """Checkpoint every N steps (0 disables)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept."""
+    activation_checkpointing: bool = False
+    """Recompute decoder layers in backward to save memory."""
+
+
+class PublisherSection(msgspec.Struct, **_CFG):
+    every_steps: int = 1
+    """Publish weights after every N optimizer steps."""
+    deadline_s: float = 30.0
+    """Deadline for each phase of an update (start, each bucket, finish)."""
+    bucket_mb: int = 256
+    """Bucket size for packing weights."""
+
+
+class Stack(msgspec.Struct, **_CFG):
+    """A whole pipeline. Every stage section is required (a stack names all its stages);
+    ``run``, ``model`` and ``task`` have defaults."""
+
+    run: RunSection = msgspec.field(default_factory=RunSection)
+    model: ModelSection = msgspec.field(default_factory=ModelSection)
+    task: TaskSection = msgspec.field(default_factory=TaskSection)
+    source: SourceSection
+    rollout: RolloutSection
+    reward: RewardSection
+    logprob: LogprobSection
+    learner: LearnerSection
+    publisher: PublisherSection
+    addresses: dict[str, str] = {}
+    """Optional fixed socket addresses by name (see ``pipeline.endpoints``)."""
+
+    def validate(self) -> "Stack":
+        def fail(field: str, why: str) -> None:
+            raise StackError(f"{field}: {why}")
+
+        if self.source.replicas != 1:
+            fail("source.replicas", "must be 1 (the source owns the cursor)")
+        for name in ("rollout", "reward", "logprob"):
+            if getattr(self, name).replicas < 1:
+                fail(f"{name}.replicas", "must be at least 1")
+        if self.learner.world_size < 1:
+            fail("learner.world_size", "must be at least 1")
+        if self.run.max_staleness < 0:
+            fail("run.max_staleness", "must be >= 0")
+        if self.source.group_size < 2 and self.learner.loss == "grpo":
+            fail("source.group_size", "GRPO needs at least 2 samples per group")
+        if self.learner.kl_coef > 0 and not self.logprob.reference:
+            fail("learner.kl_coef", "> 0 needs logprob.reference = true")
+        if not 0 < self.rollout.top_p <= 1:
+            fail("rollout.top_p", "must be in (0, 1]")
+        if self.rollout.temperature <= 0:
+            fail("rollout.temperature", "must be > 0")
+        if self.rollout.engine == "vllm" and not self.rollout.device.startswith("cuda"):
+            fail("rollout.device", "the vllm engine needs a cuda device")
+        if self.rollout.weight_transport != "shm" and not self.rollout.device.startswith("cuda"):
+            fail("rollout.weight_transport", f"{self.rollout.weight_transport} needs a cuda device")
+        if self.publisher.every_steps < 1:
+            fail("publisher.every_steps", "must be at least 1")
+        if not self.run.dir:
+            self.run.dir = f"runs/{self.run.name}"
+        return self
+
+
+def load_stack(path: str | Path) -> Stack:
+    """Decode and validate a stack file; errors are ``StackError`` naming file and field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise StackError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise StackError(f"{path}: not valid TOML: {e}") from None
+    try:
+        stack = msgspec.convert(raw, Stack)
+    except msgspec.ValidationError as e:
+        raise StackError(f"{path}: {e}") from None
+    try:
+        return stack.validate()
+    except StackError as e:
+        raise StackError(f"{path}: {e}") from None
+
+
+def dump_stack(stack: Stack) -> dict:
+    """Plain-dict form (e.g. to pass a stack to a child process as JSON)."""
+    return msgspec.to_builtins(stack)
