@@ -1,0 +1,241 @@
+"""The thin shell every stage process runs in: config, sockets, logs, heartbeats, control.
+
+A stage is ``python -m pipeline.stage KIND --run-dir DIR --replica I``; it loads the stack
+(``stack.json``) and ``endpoints.json`` from the run dir, builds a ``StageContext`` and
+awaits the stage's ``run(ctx)`` coroutine (``stages/<kind>/main.py``), which holds the pure
+stage logic and moves messages between ``ctx`` channels.
+
+Invariants and failure behaviour:
+- The context owns every socket it hands out and closes them all on exit.
+- Logs are structlog JSON lines in ``<run>/logs/<kind>-<replica>.jsonl`` (plus warnings on
+  stderr); every line carries ``stage`` and ``replica``.
+- A heartbeat goes to the supervisor every second with the context's counters.
+- ``Control(DRAIN)`` or SIGTERM: ``ctx.draining`` is set and every work puller stops
+  asking for work; the stage finishes what it holds and ``run`` returns. ``SHUTDOWN``
+  cancels ``run``. If the parent dies, the process exits (parent-death signal, plus a
+  watchdog on ``getppid`` for platforms without it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import msgspec
+import structlog
+
+import transport
+from pipeline import endpoints as ep
+from schemas.messages import Control, ControlCommand, Heartbeat, Message, Metrics
+from schemas.stack import Stack
+from transport.heartbeat import beat_forever
+from transport.record import StreamRecorder
+from transport.workqueue import WorkPuller
+
+STACK_FILE = "stack.json"
+PARENT_WATCH_S = 1.0
+"""How often a stage checks that its supervisor still lives (backup to PR_SET_PDEATHSIG)."""
+
+
+def configure_logging(log_path: Path, **bind: Any) -> structlog.BoundLogger:
+    """JSON lines to ``log_path``; warnings and errors also to stderr."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler, err]
+    root.setLevel(logging.INFO)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.bind_contextvars(**bind)
+    return structlog.get_logger()
+
+
+def write_stack(run_dir: Path, stack: Stack) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STACK_FILE).write_bytes(msgspec.json.encode(stack))
+
+
+def read_stack(run_dir: Path) -> Stack:
+    return msgspec.json.decode((run_dir / STACK_FILE).read_bytes(), type=Stack)
+
+
+class StageContext:
+    """What a stage's ``run(ctx)`` gets: config, addresses, channels, counters, events."""
+
+    def __init__(self, kind: str, replica: int, run_dir: Path, stack: Stack,
+                 endpoints: dict[str, str]) -> None:
+        self.kind, self.replica = kind, replica
+        self.name = f"{kind}/{replica}"
+        self.run_dir = Path(run_dir)
+        self.stack = stack
+        self.endpoints = endpoints
+        self.log = structlog.get_logger()
+        self.draining = asyncio.Event()
+        self.processed = 0
+        self.in_flight = 0
+        self.weight_version = -1
+        self._channels: list[Any] = []
+        self._pullers: list[WorkPuller] = []
+        self._recorders: list[StreamRecorder] = []
+        self._telemetry: Any = None
+
+    # ------------------------------------------------------------------ channels
+    def _keep(self, ch: Any, stream: str) -> Any:
+        self._channels.append(ch)
+        if stream in self.stack.run.record and hasattr(ch, "taps"):
+            rec = StreamRecorder(self.run_dir / "recordings" / f"{stream}-{self.kind}-{self.replica}.stream")
+            ch.taps.append(rec)
+            self._recorders.append(rec)
+        return ch
+
+    def work_in(self, stream: str) -> WorkPuller:
+        """Credit-based receiver of a work stream (stops asking for work when draining)."""
+        ch = WorkPuller(self.endpoints[f"{stream}.back"], sender=self.name, name=stream)
+        if self.draining.is_set():
+            ch.drain()
+        self._pullers.append(ch)
+        return self._keep(ch, stream)
+
+    def work_out(self, stream: str) -> transport.Sender:
+        return self._keep(transport.push(self.endpoints[f"{stream}.front"], bind=False,
+                                         sender=self.name, name=stream), stream)
+
+    async def subscribe(self, topic: str, topics: tuple[str, ...] = ("",)) -> transport.Receiver:
+        ch = transport.sub(self.endpoints[topic], self.endpoints[f"{topic}.sync"], sender=self.name,
+                           name=topic, topics=topics)
+        self._keep(ch, topic)
+        await ch.ready()
+        return ch
+
+    def publisher(self, topic: str) -> transport.Sender:
+        return self._keep(transport.pub(self.endpoints[topic], self.endpoints[f"{topic}.sync"],
+                                        sender=self.name, name=topic), topic)
+
+    async def consume(self, puller: WorkPuller) -> AsyncIterator[Message]:
+        """Messages of a work stream until drained (then the loop simply ends)."""
+        while True:
+            try:
+                msg = await puller.recv()
+            except EOFError:
+                return
+            self.in_flight += 1
+            try:
+                yield msg
+            finally:
+                self.in_flight -= 1
+
+    async def metrics(self, step: int, values: dict[str, float]) -> None:
+        if self._telemetry is not None:
+            await self._telemetry.send(Metrics(self.name, step, values))
+
+    def drain(self) -> None:
+        self.draining.set()
+        for p in self._pullers:
+            p.drain()
+
+    def heartbeat(self) -> Heartbeat:
+        state = "draining" if self.draining.is_set() else "running"
+        return Heartbeat(self.kind, self.replica, os.getpid(), state, self.in_flight, self.processed,
+                         self.weight_version)
+
+    def close(self) -> None:
+        for ch in self._channels:
+            with contextlib.suppress(Exception):
+                ch.close()
+        for rec in self._recorders:
+            rec.close()
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+async def _watch_parent(parent: int, on_orphan: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(PARENT_WATCH_S)
+        if os.getppid() != parent:
+            on_orphan()
+            return
+
+
+async def _follow_control(ctx: StageContext, main_task: asyncio.Task) -> None:
+    ch = await ctx.subscribe("control", topics=("control",))
+    async for msg in ch:
+        if not isinstance(msg, Control):
+            continue
+        if msg.target not in ("*", ctx.kind, ctx.name):
+            continue
+        ctx.log.info("control", command=msg.command.value, reason=msg.reason)
+        if msg.command is ControlCommand.DRAIN:
+            ctx.drain()
+        elif msg.command is ControlCommand.SHUTDOWN:
+            main_task.cancel()
+
+
+async def run_stage(kind: str, replica: int, run_dir: Path,
+                    body: Callable[[StageContext], Awaitable[None]]) -> int:
+    """Run one stage replica to completion; returns the process exit code."""
+    _set_parent_death_signal()
+    parent = os.getppid()
+    stack = read_stack(run_dir)
+    endpoints = ep.load(run_dir)
+    log = configure_logging(run_dir / "logs" / f"{kind}-{replica}.jsonl", stage=kind, replica=replica)
+    ctx = StageContext(kind, replica, run_dir, stack, endpoints)
+    ctx.log = log
+    loop = asyncio.get_running_loop()
+    ctx._telemetry = transport.push(endpoints["telemetry"], bind=False, sender=ctx.name, name="telemetry")
+    ctx._channels.append(ctx._telemetry)
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    body_task = loop.create_task(body(ctx))
+    loop.add_signal_handler(signal.SIGTERM, ctx.drain)
+    loop.add_signal_handler(signal.SIGINT, ctx.drain)
+    helpers = [
+        loop.create_task(beat_forever(ctx._telemetry, ctx.heartbeat)),
+        loop.create_task(_follow_control(ctx, body_task)),
+        loop.create_task(_watch_parent(parent, body_task.cancel)),
+    ]
+    log.info("stage started", pid=os.getpid(), started_at=time.time())
+    code = 0
+    try:
+        await body_task
+    except asyncio.CancelledError:
+        log.info("stage cancelled")
+    except Exception:
+        log.exception("stage failed")
+        code = 1
+    finally:
+        for h in helpers:
+            h.cancel()
+        with contextlib.suppress(Exception):
+            await ctx._telemetry.send(Heartbeat(kind, replica, os.getpid(), "stopped", 0, ctx.processed,
+                                                ctx.weight_version))
+        ctx.close()
+    log.info("stage stopped", code=code)
+    return code

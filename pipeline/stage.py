@@ -1,0 +1,43 @@
+"""Process entry point of one stage replica: ``python -m pipeline.stage KIND --run-dir D --replica I``.
+
+``KIND`` is a stage kind (``source``, ``rollout``, ``reward``, ``logprob``, ``learner``,
+``publisher``) whose ``stages/<kind>/main.py`` defines ``async run(ctx)``, or a
+``module:function`` naming such a coroutine (tests use this for fake stages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import transport
+from pipeline.runtime import run_stage
+
+STAGE_KINDS = ("source", "rollout", "reward", "logprob", "learner", "publisher")
+
+
+def resolve(kind: str):
+    if ":" in kind:
+        module, func = kind.split(":", 1)
+        return getattr(importlib.import_module(module), func)
+    if kind not in STAGE_KINDS:
+        raise SystemExit(f"unknown stage kind {kind!r}; known: {', '.join(STAGE_KINDS)} or module:function")
+    return importlib.import_module(f"stages.{kind}.main").run
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pipeline.stage")
+    ap.add_argument("kind")
+    ap.add_argument("--run-dir", required=True, type=Path)
+    ap.add_argument("--replica", type=int, default=0)
+    ap.add_argument("--name", default=None, help="stage name in logs (default: kind)")
+    args = ap.parse_args(argv)
+    body = resolve(args.kind)
+    name = args.name or (args.kind if ":" not in args.kind else args.kind.split(":")[1])
+    return transport.run(run_stage(name, args.replica, args.run_dir, body))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
