@@ -54,3 +54,16 @@ def messages_equal(a, b) -> bool:
     if isinstance(a, list):
         return isinstance(b, list) and len(a) == len(b) and all(messages_equal(x, y) for x, y in zip(a, b))
     return a == b
+
+
+class FakeClock:
+    """Manually advanced clock for stages that take ``clock=`` (call it for the time)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
