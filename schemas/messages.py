@@ -289,6 +289,67 @@ class StatusReply(msgspec.Struct, tag="status_reply", array_like=True, gc=False)
     staleness_mean: float = 0.0
 
 
+# --------------------------------------------------------------------------- weights
+
+
+class TensorEntry(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """One parameter inside a weight payload."""
+
+    name: str
+    """Parameter name as in the model's ``state_dict`` (e.g. ``model.layers.0.mlp.up_proj.weight``)."""
+    dtype: str
+    """torch dtype name without prefix: ``float32``, ``bfloat16``, ``float16``."""
+    shape: list[int]
+    offset: int
+    """Byte offset in the whole payload."""
+    nbytes: int
+    bucket: int
+    """Index of the bucket that holds it."""
+
+
+class WeightBucket(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """A contiguous slice of the payload, moved and verified as a unit."""
+
+    offset: int
+    nbytes: int
+    digest: str
+    """Hex digest (see ``stages.publisher.manifest.digest``) of the bucket's bytes."""
+
+
+class WeightManifest(msgspec.Struct, array_like=True, gc=False):
+    """What a weight payload holds: names, dtypes, shapes, offsets, buckets, version."""
+
+    version: int
+    entries: list[TensorEntry]
+    buckets: list[WeightBucket]
+    total_bytes: int
+
+
+class WeightsOffer(msgspec.Struct, tag="weights_offer", array_like=True, gc=False):
+    """learner rank 0 → publisher (PUSH/PULL), then publisher → engines (PUB/SUB ``weights``):
+    version ``manifest.version`` is staged at ``location``; load it (``start_weight_update``)."""
+
+    manifest: WeightManifest
+    transport: str
+    """``shm``, ``cuda_ipc`` or ``nccl``."""
+    location: str
+    """shm: slot file path; cuda_ipc: handle file path; nccl: group name."""
+    deadline_s: float = 30.0
+    """Seconds each engine has to load and acknowledge."""
+
+
+class WeightsLoaded(msgspec.Struct, tag="weights_loaded", array_like=True, gc=False):
+    """engine → publisher (PUSH/PULL): result of loading a version, with per-bucket digests
+    computed on what the engine loaded."""
+
+    version: int
+    engine: str
+    ok: bool
+    digests: list[str] = []
+    error: str = ""
+    load_seconds: float = 0.0
+
+
 Message = Union[
     PromptGroup,
     Rollout,
@@ -308,6 +369,8 @@ Message = Union[
     ScaleRequest,
     StatusRequest,
     StatusReply,
+    WeightsOffer,
+    WeightsLoaded,
 ]
 """Every wire message; the codec decodes bodies against this tagged union."""
 

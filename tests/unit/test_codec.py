@@ -67,13 +67,19 @@ MESSAGES = st.one_of(
     st.builds(m.StatusReply, st.booleans(), texts,
               st.lists(st.builds(m.StageStatus, texts, ints, ints, ints, ints, ints), max_size=3),
               ints, ints, st.floats(allow_nan=False), st.floats(allow_nan=False), st.floats(allow_nan=False)),
+    st.builds(m.WeightsOffer, st.builds(
+        m.WeightManifest, ints,
+        st.lists(st.builds(m.TensorEntry, texts, texts, st.lists(ints, max_size=3), ints, ints, ints), max_size=3),
+        st.lists(st.builds(m.WeightBucket, ints, ints, texts), max_size=3), ints), texts, texts, st.floats(0, 100)),
+    st.builds(m.WeightsLoaded, ints, texts, st.booleans(), st.lists(texts, max_size=3), texts, st.floats(0, 9)),
 )
 
 
 def test_every_message_type_is_covered():
     covered = {"prompt_group", "rollout", "scored_group", "train_group", "group_failed", "progress",
                "weights_ready", "control", "heartbeat", "metrics", "hello", "welcome", "snapshot_request",
-               "credit", "scale_request", "status_request", "status_reply"}
+               "credit", "scale_request", "status_request", "status_reply",
+               "weights_offer", "weights_loaded"}
     assert covered | {"snapshot"} == set(m.TAGS)  # Snapshot is covered by the PUB/SUB tests
 
 

@@ -1,0 +1,60 @@
+"""Publisher control plane: a version is ready only when every live engine confirmed it."""
+
+from schemas.messages import WeightBucket, WeightManifest, WeightsLoaded, WeightsOffer
+from stages.publisher.core import PublisherCore
+
+
+def offer(v, deadline=5.0):
+    man = WeightManifest(v, [], [WeightBucket(0, 64, "aa"), WeightBucket(64, 64, "bb")], 128)
+    return WeightsOffer(man, "shm", f"/dev/shm/x{v}", deadline)
+
+
+def ok(v, engine, digests=("aa", "bb")):
+    return WeightsLoaded(v, engine, True, list(digests), "", 0.1)
+
+
+def test_ready_after_every_engine_confirms():
+    core = PublisherCore({"rollout/0", "rollout/1"})
+    core.offer(offer(1), now=0)
+    assert core.loaded(ok(1, "rollout/0")) is None
+    ready = core.loaded(ok(1, "rollout/1"))
+    assert ready is not None and ready.version == 1 and core.live_version == 1
+
+
+def test_digest_mismatch_is_a_failure_not_a_confirmation():
+    core = PublisherCore({"rollout/0", "rollout/1"})
+    core.offer(offer(1), now=0)
+    core.loaded(ok(1, "rollout/0", ("aa", "XX")))
+    ready = core.loaded(ok(1, "rollout/1"))
+    assert ready.version == 1  # the good engine went live; the bad one stayed on v0
+    assert core.live_version == 1
+
+
+def test_silent_engine_misses_deadline_then_is_not_waited_for():
+    core = PublisherCore({"rollout/0", "rollout/1"})
+    core.offer(offer(1, deadline=2), now=0)
+    core.loaded(ok(1, "rollout/0"))
+    assert core.expire(now=1) is None
+    ready = core.expire(now=3)
+    assert ready.version == 1 and core.lagging == {"rollout/1"}
+    core.offer(offer(2), now=4)
+    assert core.loaded(ok(2, "rollout/0")).version == 2  # rollout/1 is lagging: not awaited
+    core.offer(offer(3), now=5)
+    assert core.loaded(ok(3, "rollout/1")) is None  # it is back, and rollout/0 is awaited again
+    assert core.lagging == set()
+
+
+def test_nobody_confirmed_means_not_ready():
+    core = PublisherCore({"rollout/0"})
+    core.offer(offer(1, deadline=1), now=0)
+    assert core.loaded(WeightsLoaded(1, "rollout/0", False, [], "manifest mismatch")) is None
+    assert core.live_version == -1 and core.incomplete_versions == [1]
+
+
+def test_newer_offer_supersedes_pending_one():
+    core = PublisherCore({"rollout/0"})
+    core.offer(offer(1), now=0)
+    core.offer(offer(2), now=1)
+    assert core.loaded(ok(1, "rollout/0")) is None
+    assert core.loaded(ok(2, "rollout/0")).version == 2
+    assert core.incomplete_versions == [1]
