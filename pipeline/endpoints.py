@@ -7,7 +7,9 @@ Names (every stage finds its sockets by these):
   ``<topic>.sync``, for ``BROADCASTS`` (``progress``: learner rank 0; ``weights``: publisher;
   ``control``: supervisor);
 - ``telemetry``: supervisor PULL for heartbeats and metrics; ``supervisor``: ROUTER for
-  ``pipeline status``/``scale``; ``learner.dist``: torch.distributed rendezvous (tcp).
+  ``pipeline status``/``scale``; ``learner.dist``: torch.distributed rendezvous (tcp);
+  ``publish``: the publisher's PULL for ``WeightsOffer`` (learner) and ``WeightsLoaded``
+  (engines).
 
 Invariants: addresses given in the stack's ``[addresses]`` win; the rest are free ports on
 ``run.bind_host`` at assignment time. A restarted stack reuses ``endpoints.json`` only if
@@ -34,7 +36,7 @@ def names() -> list[str]:
         out += [f"{s}.front", f"{s}.back"]
     for b in BROADCASTS:
         out += [b, f"{b}.sync"]
-    return out + ["telemetry", "supervisor", "learner.dist"]
+    return out + ["telemetry", "supervisor", "learner.dist", "publish"]
 
 
 def _free_port(host: str) -> int:
