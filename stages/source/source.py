@@ -170,9 +170,10 @@ class PromptSource:
 
     def credit(self) -> int:
         """Fresh groups that may be issued now (0 when the dataset is exhausted)."""
-        if self._dataset_exhausted():
-            return 0
-        return max(0, self.window - len(self.outstanding))
+        credit = max(0, self.window - len(self.outstanding))
+        if self._rows is not None and self.config.epochs > 0:
+            credit = min(credit, self.config.epochs * len(self._rows) - self.cursor)
+        return credit
 
     @property
     def exhausted(self) -> bool:

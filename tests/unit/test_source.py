@@ -1,0 +1,190 @@
+"""PromptSource: credit/staleness bound, leases, restart reissue, issued.jsonl, state, datasets."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.messages import DroppedGroup, Progress
+from stages.model import BOS_ID, load_tokenizer
+from stages.source import DatasetError, PromptSource, SourceConfig, load_dataset
+from stages.testing import FakeClock
+
+
+def make_source(tmp_path, clock=None, **overrides) -> PromptSource:
+    config = SourceConfig(**{"groups_per_step": 2, "max_staleness": 1, "lease_seconds": 10.0, **overrides})
+    return PromptSource(config, tmp_path / "run", clock=clock or FakeClock())
+
+
+def read_issued(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "run" / "issued.jsonl").read_text().splitlines()]
+
+
+def test_groups_are_tokenized_with_bos_and_have_stable_ids(tmp_path):
+    source = make_source(tmp_path, seed=7, n_samples=3)
+    groups = source.poll()
+    assert [g.group_id for g in groups] == ["7-0", "7-1", "7-2", "7-3"]
+    first = groups[0]
+    assert first.prompt_ids[0] == BOS_ID and first.prompt_ids.dtype.name == "int32"
+    assert load_tokenizer().decode(first.prompt_ids[1:].tolist()) == first.prompt_text
+    assert first.answer == first.prompt_text[-2] * 4 and first.task == "repeat"
+    assert (first.n_samples, first.attempt, first.issued_version) == (3, 0, 0)
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1, 3])
+def test_never_issues_past_the_staleness_bound(tmp_path, max_staleness):
+    groups_per_step = 3
+    source = make_source(tmp_path, groups_per_step=groups_per_step, max_staleness=max_staleness,
+                         lease_seconds=1e9)
+    window = groups_per_step * (max_staleness + 1)
+    queue = []  # a FIFO learner's input
+    version = 0
+    for step in range(20):
+        queue += source.poll()
+        assert len(source.outstanding) <= window
+        assert source.poll() == []  # no credit left until progress arrives
+        batch, queue = queue[:groups_per_step], queue[groups_per_step:]
+        for group in batch:  # trained with weights `version`
+            assert 0 <= version - group.issued_version <= max_staleness
+        version += 1
+        source.on_progress(Progress(step + 1, version, [g.group_id for g in batch]))
+    assert source.counters["consumed"] == 20 * groups_per_step
+
+
+def test_dropped_groups_return_their_credit(tmp_path):
+    source = make_source(tmp_path)
+    groups = source.poll()
+    assert source.credit() == 0
+    source.on_progress(Progress(1, 1, [groups[0].group_id], [DroppedGroup(groups[1].group_id, "stale")]))
+    assert source.credit() == 2 and source.learner_version == 1
+    fresh = source.poll()
+    assert [g.issued_version for g in fresh] == [1, 1]
+    source.on_progress(Progress(2, 2, ["unknown-id", groups[0].group_id]))  # duplicates ignored
+    assert source.counters["consumed"] == 1 and source.counters["dropped"] == 1
+
+
+def test_reissues_a_group_whose_lease_expired_with_same_id_and_next_attempt(tmp_path):
+    clock = FakeClock()
+    source = make_source(tmp_path, clock=clock)
+    first = source.poll()
+    clock.advance(5)
+    source.on_progress(Progress(1, 1, [first[0].group_id]))
+    second = source.poll()  # one fresh group for the freed credit, no reissue yet
+    assert len(second) == 1 and second[0].attempt == 0
+    assert source.next_lease_expiry() == clock.now - 5 + 10
+    clock.advance(5)
+    reissued = source.poll()
+    assert sorted(g.group_id for g in reissued) == sorted(g.group_id for g in first[1:])
+    assert all(g.attempt == 1 and g.issued_version == 1 for g in reissued)
+    assert reissued[0].prompt_text == first[1].prompt_text
+    assert len(source.outstanding) == 4  # reissues take no credit
+    lines = read_issued(tmp_path)
+    assert [line["reason"] for line in lines].count("lease") == 3
+    assert {line["group_id"] for line in lines if line["reason"] == "lease"} == {g.group_id for g in first[1:]}
+
+
+def test_abandons_a_group_after_max_attempts_and_reports_it_failed(tmp_path):
+    clock = FakeClock()
+    source = make_source(tmp_path, clock=clock, groups_per_step=1, max_staleness=0, max_attempts=2)
+    (group,) = source.poll()
+    clock.advance(10)
+    (again,) = source.poll()
+    assert again.attempt == 1
+    clock.advance(10)
+    fresh = source.poll()  # attempt 2 would exceed max_attempts: abandoned, credit freed
+    assert [g.group_id for g in fresh] == ["0-1"]
+    (failed,) = source.take_failed()
+    assert failed.group_id == group.group_id and failed.stage == "source" and "2 issues" in failed.reason
+    assert source.take_failed() == [] and source.counters["abandoned"] == 1
+
+
+def test_reissue_all_outstanding_after_a_downstream_restart(tmp_path):
+    source = make_source(tmp_path)
+    groups = source.poll()
+    again = source.reissue_all_outstanding()
+    assert [g.group_id for g in again] == [g.group_id for g in groups]
+    assert all(g.attempt == 1 for g in again)
+    assert [line["reason"] for line in read_issued(tmp_path)] == ["fresh"] * 4 + ["restart"] * 4
+
+
+def test_issued_jsonl_records_every_issue(tmp_path):
+    clock = FakeClock(500.0)
+    source = make_source(tmp_path, clock=clock)
+    groups = source.poll()
+    lines = read_issued(tmp_path)
+    assert [(l["group_id"], l["attempt"], l["time"], l["issued_version"], l["cursor"]) for l in lines] == [
+        (g.group_id, 0, 500.0, 0, i) for i, g in enumerate(groups)]
+
+
+def test_state_round_trip_resumes_the_same_stream(tmp_path):
+    clock = FakeClock()
+    reference = make_source(tmp_path / "a", clock=clock)
+    reference_ids = []
+    source = make_source(tmp_path / "b", clock=clock)
+    for step in range(3):
+        groups, ref_groups = source.poll(), reference.poll()
+        reference_ids += [(g.group_id, g.prompt_text) for g in ref_groups]
+        done = [g.group_id for g in groups[:2]]
+        source.on_progress(Progress(step + 1, step + 1, done))
+        reference.on_progress(Progress(step + 1, step + 1, done))
+    source.save_state(tmp_path / "state.json")
+    restored = make_source(tmp_path / "b", clock=clock)
+    restored.load_state(tmp_path / "state.json")
+    assert restored.cursor == source.cursor and restored.learner_version == 3
+    assert restored.outstanding == source.outstanding
+    resumed = restored.poll()
+    expected = reference.poll()
+    assert [(g.group_id, g.prompt_text) for g in resumed] == [(g.group_id, g.prompt_text) for g in expected]
+    clock.advance(100)
+    assert {g.group_id for g in restored.poll()} == set(restored.outstanding)  # restored leases expire
+    with pytest.raises(ValueError, match="saved seed=0 but the config has seed=1"):
+        make_source(tmp_path / "d", seed=1).load_state_dict(source.state_dict())
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_and_parquet_datasets_with_custom_field_names(tmp_path):
+    rows = [{"question": f"{i}+1=", "solution": i + 1, "extra": True} for i in range(5)]
+    jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"question": [r["question"] for r in rows],
+                             "solution": [str(r["solution"]) for r in rows]}), parquet)
+    for path in (jsonl, parquet):
+        loaded = load_dataset(path, "question", "solution")
+        assert loaded.rows == [(f"{i}+1=", str(i + 1)) for i in range(5)]
+        source = make_source(tmp_path / path.suffix, dataset_path=str(path), prompt_field="question",
+                             answer_field="solution", task="math", epochs=1, groups_per_step=5)
+        groups = source.poll()
+        assert sorted((g.prompt_text, g.answer) for g in groups) == sorted(loaded.rows)
+        assert all(g.task == "math" for g in groups)
+        source.on_progress(Progress(1, 1, [g.group_id for g in groups]))
+        assert source.poll() == [] and source.exhausted
+
+
+def test_bad_rows_name_file_line_and_field(tmp_path):
+    cases = [
+        ('{"q": "1+1=", "a": "2"}\n{"q": "2+2="}', r"bad\.jsonl line 2: missing field 'a'"),
+        ('{"q": "1+1=", "a": "2"}\n\n{"q": 5, "a": "2"}', r"bad\.jsonl line 3: field 'q' must be a non-empty string"),
+        ('{"q": "1+1=", "a": [2]}', r"bad\.jsonl line 1: field 'a' must be a string or a number"),
+        ('{"q": "1+1=", "a": "2"}\n{not json', r"bad\.jsonl line 2: invalid JSON"),
+        ('[1, 2]', r"bad\.jsonl line 1: expected an object"),
+    ]
+    for text, pattern in cases:
+        (tmp_path / "bad.jsonl").write_text(text)
+        with pytest.raises(DatasetError, match=pattern):
+            load_dataset(tmp_path / "bad.jsonl", "q", "a")
+    pq.write_table(pa.table({"q": ["1+1=", None], "a": ["2", "4"]}), tmp_path / "bad.parquet")
+    with pytest.raises(DatasetError, match=r"bad\.parquet row 1 \(0-based\): field 'q' must be a non-empty string"):
+        load_dataset(tmp_path / "bad.parquet", "q", "a")
+    with pytest.raises(DatasetError, match=r"bad\.parquet: no column 'answer' \(columns: 'q', 'a'\)"):
+        load_dataset(tmp_path / "bad.parquet", "q", "answer")
+    with pytest.raises(DatasetError, match="no such file"):
+        load_dataset(tmp_path / "missing.jsonl")
+    write_jsonl(tmp_path / "mixed.jsonl", [{"q": "1+1=", "a": "2"}, "{oops", {"q": "3+3=", "a": 6}])
+    loaded = load_dataset(tmp_path / "mixed.jsonl", "q", "a", skip_bad_rows=True)
+    assert loaded.rows == [("1+1=", "2"), ("3+3=", "6")] and len(loaded.bad_rows) == 1
+    assert "mixed.jsonl line 2: invalid JSON" in loaded.bad_rows[0]
