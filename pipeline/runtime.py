@@ -99,6 +99,8 @@ class StageContext:
         self._pullers: list[WorkPuller] = []
         self._recorders: list[StreamRecorder] = []
         self._telemetry: Any = None
+        self.control_handlers: dict[ControlCommand, Callable[[Control], None]] = {}
+        """Stage-specific reactions to control commands other than DRAIN and SHUTDOWN."""
 
     # ------------------------------------------------------------------ channels
     def _keep(self, ch: Any, stream: str) -> Any:
@@ -196,6 +198,8 @@ async def _follow_control(ctx: StageContext, main_task: asyncio.Task) -> None:
             ctx.drain()
         elif msg.command is ControlCommand.SHUTDOWN:
             main_task.cancel()
+        elif msg.command in ctx.control_handlers:
+            ctx.control_handlers[msg.command](msg)
 
 
 async def run_stage(kind: str, replica: int, run_dir: Path,

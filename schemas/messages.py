@@ -168,6 +168,8 @@ class ControlCommand(enum.Enum):
     RESUME = "resume"
     DRAIN = "drain"
     SHUTDOWN = "shutdown"
+    REISSUE = "reissue"
+    """Source only: a downstream replica restarted; reissue every outstanding group now."""
 
 
 class Control(msgspec.Struct, tag="control", array_like=True, gc=False):

@@ -1,0 +1,78 @@
+"""Source stage shell: ``PromptSource`` → ``prompts`` work stream; ``Progress`` → credit.
+
+Sockets: PUSH ``prompts`` (groups), PUSH ``train`` (``GroupFailed`` for abandoned groups, so
+the learner records their terminal state), SUB ``progress`` (consumed/dropped ids and the
+learner version). State (cursor, outstanding groups) is saved to ``source_state.json`` in
+the run dir after every batch it issues, and restored at start, so a restarted source
+reissues what was outstanding instead of forgetting it. ``Control(REISSUE)`` (sent by the
+supervisor when a downstream replica restarts) reissues every outstanding group at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pipeline.runtime import StageContext
+from schemas.messages import ControlCommand, Progress
+from stages.source.source import PromptSource, SourceConfig
+
+STATE_FILE = "source_state.json"
+IDLE_POLL_S = 0.5
+"""Longest sleep between polls when no progress arrives (lease checks need no more)."""
+
+
+def source_config(ctx: StageContext) -> SourceConfig:
+    s = ctx.stack
+    return SourceConfig(
+        task=s.task.name, dataset_path=s.task.dataset, prompt_field=s.task.prompt_field,
+        answer_field=s.task.answer_field, n_samples=s.source.group_size,
+        groups_per_step=s.learner.groups_per_step, max_staleness=s.run.max_staleness,
+        lease_seconds=s.source.lease_s, seed=s.run.seed,
+    )
+
+
+async def run(ctx: StageContext) -> None:
+    src = PromptSource(source_config(ctx), ctx.run_dir)
+    state_path = ctx.run_dir / STATE_FILE
+    if state_path.exists():
+        src.load_state(state_path)
+        ctx.log.info("source resumed", cursor=src.cursor, outstanding=len(src.outstanding))
+    out, failed_out = ctx.work_out("prompts"), ctx.work_out("train")
+    progress = await ctx.subscribe("progress", topics=("progress",))
+    wake = asyncio.Event()
+    reissue = asyncio.Event()
+    ctx.control_handlers[ControlCommand.REISSUE] = lambda _msg: (reissue.set(), wake.set())
+
+    async def follow_progress() -> None:
+        async for msg in progress:
+            if isinstance(msg, Progress):
+                src.on_progress(msg)
+                ctx.weight_version = msg.version
+                wake.set()
+
+    follower = asyncio.get_running_loop().create_task(follow_progress())
+    try:
+        while not ctx.draining.is_set():
+            groups = src.reissue_all_outstanding() if reissue.is_set() else []
+            reissue.clear()
+            groups += src.poll()
+            for g in groups:
+                await out.send(g)
+            for f in src.take_failed():
+                await failed_out.send(f)
+            if groups:
+                src.save_state(state_path)
+                ctx.processed += len(groups)
+            ctx.in_flight = len(src.outstanding)
+            nxt = src.next_lease_expiry()
+            timeout = IDLE_POLL_S if nxt is None else max(0.0, min(IDLE_POLL_S, nxt - time.time()))
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        follower.cancel()
+        src.save_state(state_path)
+        src.close()
