@@ -211,8 +211,11 @@ class PromptSource:
         return failed
 
     def on_progress(self, progress: Progress) -> None:
-        """Learn the learner version and mark consumed/dropped ids terminal."""
-        self.learner_version = max(self.learner_version, progress.version)
+        """Learn the learner version and mark consumed/dropped ids terminal.
+
+        ``progress.version`` is taken as is, even if lower than before: a learner restarted
+        from an older checkpoint really is at that version again."""
+        self.learner_version = progress.version
         for group_id in progress.consumed_ids:
             if self._forget(group_id):
                 self.counters["consumed"] += 1
@@ -221,7 +224,8 @@ class PromptSource:
                 self.counters["dropped"] += 1
 
     def on_weights_ready(self, version: int) -> None:
-        """A newer live version (from ``WeightsReady``) also advances the learner version."""
+        """A newer live version (from ``WeightsReady``) also advances the learner version
+        (never lowers it: an old broadcast may arrive late)."""
         self.learner_version = max(self.learner_version, version)
 
     # ------------------------------------------------------------------ state
