@@ -37,7 +37,7 @@ from schemas.messages import Control, ControlCommand, Heartbeat, Message, Metric
 from schemas.stack import Stack
 from transport.heartbeat import beat_forever
 from transport.record import StreamRecorder
-from transport.workqueue import WorkPuller
+from transport.workqueue import WORKER_CREDIT, WorkPuller
 
 STACK_FILE = "stack.json"
 PARENT_WATCH_S = 1.0
@@ -111,9 +111,10 @@ class StageContext:
             self._recorders.append(rec)
         return ch
 
-    def work_in(self, stream: str) -> WorkPuller:
-        """Credit-based receiver of a work stream (stops asking for work when draining)."""
-        ch = WorkPuller(self.endpoints[f"{stream}.back"], sender=self.name, name=stream)
+    def work_in(self, stream: str, credit: int = WORKER_CREDIT) -> WorkPuller:
+        """Credit-based receiver of a work stream (stops asking for work when draining);
+        ``credit``: items this replica holds at most (its concurrency)."""
+        ch = WorkPuller(self.endpoints[f"{stream}.back"], sender=self.name, name=stream, credit=credit)
         if self.draining.is_set():
             ch.drain()
         self._pullers.append(ch)
