@@ -76,24 +76,30 @@ class Codec:
         self._body_dec = msgspec.msgpack.Decoder(Message, dec_hook=self._dec_hook)
 
     # ------------------------------------------------------------------ encode
-    def _enc_hook(self, obj: Any) -> Any:
-        if isinstance(obj, np.ndarray):
-            arr = np.ascontiguousarray(obj)
-            n = arr.nbytes
-            if n < INLINE_MAX_BYTES:
-                ref: Any = arr.tobytes()
-            elif n < OWN_FRAME_MIN_BYTES:
-                ref = (self._pool_len,)
-                self._out_pool.append(arr.data.cast("B") if arr.ndim else arr.tobytes())
-                pad = -n % POOL_ALIGN
-                if pad:
-                    self._out_pool.append(b"\0" * pad)
-                self._pool_len += n + pad
-            else:
-                self._out_arrays.append(arr)  # zmq sends it from the array's own memory
-                ref = len(self._out_arrays) - 1
-            return (arr.dtype.str, arr.shape, ref)
-        raise NotImplementedError(f"cannot encode {type(obj).__name__} on the wire")
+    def _enc_hook(self, arr: Any) -> Any:
+        # Hot path (once per array): no ascontiguousarray call when already contiguous,
+        # dtype strings cached, the pool keeps views (joined once per message).
+        if type(arr) is not np.ndarray:
+            if not isinstance(arr, np.ndarray):
+                raise NotImplementedError(f"cannot encode {type(arr).__name__} on the wire")
+            arr = np.asarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        n = arr.nbytes
+        if n < INLINE_MAX_BYTES:
+            ref: Any = arr.tobytes()
+        elif n < OWN_FRAME_MIN_BYTES:
+            ref = (self._pool_len,)
+            self._out_pool.append(arr.data if arr.ndim else arr.tobytes())
+            pad = -n % POOL_ALIGN
+            if pad:
+                self._out_pool.append(_ZEROS[:pad])
+            self._pool_len += n + pad
+        else:
+            self._out_arrays.append(arr)  # zmq sends it from the array's own memory
+            ref = len(self._out_arrays) - 1
+        dt = arr.dtype
+        return (_DTYPE_STR.get(dt) or _DTYPE_STR.setdefault(dt, dt.str), arr.shape, ref)
 
     def encode(self, msg: Message) -> list[Any]:
         """Frames for ``msg``: [envelope, body, *array buffers]."""
@@ -112,15 +118,21 @@ class Codec:
         if typ is np.ndarray:
             dtype, shape, ref = obj
             dt = _DTYPES.get(dtype) or _DTYPES.setdefault(dtype, np.dtype(dtype))
-            count = 1
-            for d in shape:
-                if d < 0:
+            if len(shape) == 1:
+                count = shape[0]
+                if count < 0:
                     raise ValueError(f"negative dimension in shape {shape}")
-                count *= d
-            if isinstance(ref, int):
-                arr = np.frombuffer(_bytes_of(self._in_frames[ref]), dt, count)
-            elif isinstance(ref, list):
+            else:
+                count = 1
+                for d in shape:
+                    if d < 0:
+                        raise ValueError(f"negative dimension in shape {shape}")
+                    count *= d
+            t = type(ref)
+            if t is list:
                 arr = np.frombuffer(self._in_pool, dt, count, ref[0])
+            elif t is int:
+                arr = np.frombuffer(_bytes_of(self._in_frames[ref]), dt, count)
             else:
                 arr = np.frombuffer(ref, dt, count)
             return arr if len(shape) == 1 else arr.reshape(shape)
@@ -160,6 +172,8 @@ class Codec:
 
 
 _DTYPES: dict[str, np.dtype] = {}
+_DTYPE_STR: dict[np.dtype, str] = {}
+_ZEROS = bytes(POOL_ALIGN)
 
 
 def _bytes_of(frame: Any) -> Any:
