@@ -1,0 +1,100 @@
+"""Rollout stage shell: ``prompts`` work stream → engine → ``rollouts`` stream.
+
+Sockets: work in ``prompts`` (credit = groups that fill the engine's batch), PUSH
+``rollouts``, SUB ``weights`` (offers; the last-value cache gives a (re)starting engine the
+newest offer first, which it loads before asking for work), PUSH ``publish`` (its
+``WeightsLoaded`` acknowledgements).
+
+Many groups are in flight at once (each a task awaiting ``engine.generate``); weight
+offers are applied between decode steps by the engine, so no request is dropped and each
+sample's ``version_spans`` say which version produced which tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import transport
+from pipeline.runtime import StageContext
+from schemas.messages import PromptGroup, Rollout, WeightsOffer
+from stages.model import EOS_ID
+from stages.rollout.engines.base import SamplingParams
+from stages.rollout.engines.torch_engine import TorchEngine
+from stages.rollout.weights import ShmWeightLoader
+
+FIRST_OFFER_WAIT_S = 2.0
+"""At start, how long to wait for the newest weights offer before serving the initial
+(seeded) weights: long enough for the snapshot to arrive, short enough not to matter."""
+
+
+def build_engine(ctx: StageContext) -> TorchEngine:
+    s = ctx.stack
+    return TorchEngine(s.model.name, device=s.rollout.device, dtype=s.model.dtype,
+                       max_batch=s.rollout.max_batch, seed=s.run.seed, sampling_seed=s.run.seed * 1000 + ctx.replica)
+
+
+async def run(ctx: StageContext) -> None:
+    s = ctx.stack
+    engine = build_engine(ctx)
+    await engine.start()
+    loader = ShmWeightLoader(engine, ctx.name)
+    acks = transport.push(ctx.endpoints["publish"], bind=False, sender=ctx.name, name="publish")
+    ctx._channels.append(acks)
+    weights = await ctx.subscribe("weights", topics=("weights_offer",))
+
+    async def apply(offer: WeightsOffer) -> None:
+        ack = await loader.apply(offer)
+        if ack is not None:
+            await acks.send(ack)
+            ctx.weight_version = engine.weight_version
+            ctx.log.info("weights loaded", version=ack.version, ok=ack.ok, error=ack.error,
+                         seconds=round(ack.load_seconds, 4))
+
+    try:  # newest complete version before accepting work
+        first = await asyncio.wait_for(weights.recv(), FIRST_OFFER_WAIT_S)
+        if isinstance(first, WeightsOffer):
+            await apply(first)
+    except asyncio.TimeoutError:
+        pass
+
+    async def follow_weights() -> None:
+        async for msg in weights:
+            if isinstance(msg, WeightsOffer):
+                await apply(msg)
+
+    follower = asyncio.get_running_loop().create_task(follow_weights())
+    out = ctx.work_out("rollouts")
+    credit = max(2, s.rollout.max_batch // max(1, s.source.group_size) + 1)
+    inbox = ctx.work_in("prompts", credit=credit)
+    tasks: set[asyncio.Task] = set()
+
+    async def generate(group: PromptGroup) -> None:
+        t0 = time.perf_counter()
+        params = SamplingParams(temperature=s.rollout.temperature, top_p=s.rollout.top_p,
+                                max_tokens=s.rollout.max_tokens, stop_ids=[EOS_ID], n=group.n_samples)
+        completions = await engine.generate(f"{group.group_id}/{group.attempt}", group.prompt_ids, params)
+        samples = [c.to_sample() for c in completions]
+        await out.send(Rollout(group, samples, ctx.name, time.perf_counter() - t0))
+        ctx.processed += 1
+        ctx.in_flight -= 1
+
+    try:
+        while True:
+            try:
+                msg = await inbox.recv()
+            except EOFError:
+                break
+            if not isinstance(msg, PromptGroup):
+                ctx.log.warning("unexpected message", tag=type(msg).__name__)
+                continue
+            ctx.in_flight += 1
+            t = asyncio.get_running_loop().create_task(generate(msg))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+    finally:
+        follower.cancel()
+        loader.close()
+        await engine.stop()
