@@ -83,8 +83,9 @@ class TorchEngine(Engine):
         shape = (max_batch, self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
-        self.free_slots = list(range(max_batch))[::-1]
         self.active: list[_Seq] = []
+        """Invariant: ``active[i].slot == i``; finished sequences are compacted away so
+        attention reads ``cache[:len(active)]`` as a view, never a gather."""
         self.waiting: list[_Request] = []
         self.requests: dict[str, _Request] = {}
         self._version = 0
@@ -192,36 +193,59 @@ class TorchEngine(Engine):
             await asyncio.sleep(0)  # let new requests, aborts and weight updates in
 
     def _admit(self) -> None:
-        while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
+        batch = []
+        free = self.max_batch - len(self.active)
+        while self.waiting and free >= self.waiting[0].params.n:
             req = self.waiting.pop(0)
-            self._prefill(req)
+            free -= req.params.n
+            batch.append(req)
+        if batch:
+            self._prefill(batch)
 
     @torch.inference_mode()
-    def _prefill(self, req: _Request) -> None:
-        ids = req.prompt.to(self.device)[None]
-        p = ids.shape[1]
-        pos = torch.arange(p, device=self.device)[None]
+    def _prefill(self, reqs: list[_Request]) -> None:
+        """One right-padded forward over the prompts of every admitted request; each
+        prompt's K/V is copied into the slots of its ``n`` sequences."""
+        lens = [r.prompt.numel() for r in reqs]
+        width = max(lens)
+        ids = torch.zeros((len(reqs), width), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, : lens[i]] = r.prompt
+        ids = ids.to(self.device)
+        pos = torch.arange(width, device=self.device)[None].expand(len(reqs), -1)
         h = self.model.model.embed_tokens(ids)
         cos, sin = self.model.model.rotary_emb(h, pos)
-        slots = [self.free_slots.pop() for _ in req.seqs]
-        causal = torch.ones(p, p, dtype=torch.bool, device=self.device).tril()
+        # Causal mask; padded positions come after every real one, so they never leak in.
+        mask = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()[None, None]
+        first = len(self.active)
+        slots, owners = [], []
+        for i, r in enumerate(reqs):
+            for seq in r.seqs:
+                slots.append(first + len(slots))
+                owners.append(i)
+        owner_idx = torch.tensor(owners, device=self.device)
+        slot_idx = torch.tensor(slots, device=self.device)
         for layer_idx, layer in enumerate(self.model.model.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
-            for slot in slots:
-                self.k_cache[layer_idx][slot, :, :p] = k[0]
-                self.v_cache[layer_idx][slot, :, :p] = v[0]
-            h = self._finish_layer(layer, h, q, k, v, causal[None, None])
-        logits = self._logits(h[:, -1])
-        for seq, slot in zip(req.seqs, slots):
-            seq.slot, seq.length = slot, p
-            seq.out.version_spans.append((0, self._version))
-            self.active.append(seq)
-        self._sample_into(req.seqs, logits.expand(len(req.seqs), -1))
+            self.k_cache[layer_idx][slot_idx, :, :width] = k[owner_idx]
+            self.v_cache[layer_idx][slot_idx, :, :width] = v[owner_idx]
+            h = self._finish_layer(layer, h, q, k, v, mask)
+        last = torch.tensor(lens, device=self.device) - 1
+        logits = self._logits(h[torch.arange(len(reqs), device=self.device), last])
+        seqs = []
+        for r in reqs:
+            for seq in r.seqs:
+                seq.slot, seq.length = first + len(seqs), r.prompt.numel()
+                seq.out.version_spans.append((0, self._version))
+                self.active.append(seq)
+                seqs.append(seq)
+        self._sample_into(seqs, logits[owner_idx])
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
         seqs = self.active
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        b = len(seqs)
+        rows = torch.arange(b, device=self.device)
         lengths = torch.tensor([s.length for s in seqs], device=self.device)
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         h = self.model.model.embed_tokens(ids)
@@ -231,9 +255,9 @@ class TorchEngine(Engine):
         for layer_idx, layer in enumerate(self.model.model.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
             kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
-            kc[slots, :, lengths] = k[:, :, 0]
-            vc[slots, :, lengths] = v[:, :, 0]
-            h = self._finish_layer(layer, h, q, kc[slots, :, :span], vc[slots, :, :span], mask)
+            kc[rows, :, lengths] = k[:, :, 0]
+            vc[rows, :, lengths] = v[:, :, 0]
+            h = self._finish_layer(layer, h, q, kc[:b, :, :span], vc[:b, :, :span], mask)
         for s in seqs:
             s.length += 1
         self._sample_into(list(seqs), self._logits(h[:, -1]))
@@ -263,30 +287,38 @@ class TorchEngine(Engine):
         return self.model.lm_head(self.model.model.norm(h_last)).float()
 
     def _sample_into(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        """Sample one token per sequence; record token, logprob; retire finished ones."""
+        """Sample one token per sequence (batched); record token and logprob; retire finished.
+
+        Exponential race (argmax of p / E with E ~ Exp(1)) draws from p exactly, and lets
+        each row take its noise from its own request's generator while the arithmetic
+        stays batched."""
+        params = [s.request.params for s in seqs]
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)[:, None]
+        logp = torch.log_softmax(logits.cpu() / temps, dim=-1)
+        probs = logp.exp()
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+        if bool((top_p < 1.0).any()):
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop_sorted = sorted_p.cumsum(-1) - sorted_p >= top_p[:, None]
+            probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted), 0.0)
+        noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=s.request.generator) for s in seqs])
+        toks = (probs / noise).argmax(-1)
+        lps = logp.gather(1, toks[:, None])[:, 0].tolist()
         finished = []
-        for i, s in enumerate(seqs):
-            p = s.request.params
-            logp = torch.log_softmax(logits[i] / p.temperature, dim=-1).cpu()
-            probs = logp.exp()
-            if p.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < p.top_p
-                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-            tok = int(torch.multinomial(probs, 1, generator=s.request.generator))
+        for s, p, tok, lp in zip(seqs, params, toks.tolist(), lps):
             out = s.out
             if out.version_spans[-1][1] != self._version:
                 out.version_spans.append((len(out.token_ids), self._version))
             out.token_ids.append(tok)
-            out.logprobs.append(float(logp[tok]))
+            out.logprobs.append(lp)
             s.last_token = tok
-            self.decoded_tokens += 1
             if tok in p.stop_ids:
                 out.finish_reason = "stop"
             elif len(out.token_ids) >= p.max_tokens or s.length + 1 >= self.max_seq_len:
                 out.finish_reason = "length"
             if out.finish_reason:
                 finished.append(s)
+        self.decoded_tokens += len(seqs)
         for s in finished:
             self._release(s)
             req = s.request
@@ -294,11 +326,20 @@ class TorchEngine(Engine):
                 self._retire_request(req)
 
     def _release(self, s: _Seq) -> None:
-        if s in self.active:
-            self.active.remove(s)
-        if s.slot >= 0:
-            self.free_slots.append(s.slot)
-            s.slot = -1
+        """Free a sequence's slot, moving the last active sequence into it (compaction)."""
+        if s.slot < 0:
+            return
+        j, last = s.slot, len(self.active) - 1
+        if j != last:
+            moved = self.active[last]
+            n = moved.length
+            for kc, vc in zip(self.k_cache, self.v_cache):
+                kc[j, :, :n] = kc[last, :, :n]
+                vc[j, :, :n] = vc[last, :, :n]
+            moved.slot = j
+            self.active[j] = moved
+        self.active.pop()
+        s.slot = -1
 
     def _retire_request(self, req: _Request) -> None:
         for s in req.seqs:
