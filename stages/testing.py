@@ -67,3 +67,48 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _world_entry(rank, world, port, fn, args, q):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        q.put((rank, fn(*args)))
+    except BaseException as e:  # report, don't hang the parent
+        q.put((rank, e))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(fn, world: int, *args, timeout: float = 240.0) -> list:
+    """Run ``fn(*args)`` on ``world`` spawned gloo ranks; returns results by rank.
+    ``fn`` must be importable (module level) and return picklable values."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_world_entry, args=(r, world, port, fn, args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(q.get(timeout=timeout) for _ in range(world))
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    for r, v in results.items():
+        if isinstance(v, BaseException):
+            raise RuntimeError(f"rank {r} failed: {v!r}") from v
+    return [results[r] for r in range(world)]

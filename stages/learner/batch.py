@@ -1,0 +1,116 @@
+"""From TrainGroups to padded micro-batches, identical on every rank.
+
+Every rank receives the same step batch and plans the same micro-batches; rank r then takes
+micro-batches ``r, r + W, r + 2W, ...``. Ranks with fewer real micro-batches than the
+busiest one run empty ones (a single pad token with weight 0) so that every rank makes the
+same number of forward/backward passes — FSDP2's collectives require it.
+
+Invariants:
+- A sequence is ``prompt + completion``; only completion tokens have loss weight.
+- Weights implement the aggregation over the WHOLE step: token-mean → 1/total_tokens;
+  seq-mean → 1/(len(seq) * total_seqs); so the sum over all ranks' micro-batches is the
+  step loss, independent of the world size and of the packing.
+- Packing is greedy in sample order under ``micro_batch_tokens`` (padded size
+  ``rows × longest``); a sequence longer than the budget gets a micro-batch of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from schemas.messages import TrainGroup
+from stages.learner.loss import grpo_advantages
+from stages.model import PAD_ID
+
+
+@dataclass
+class SeqItem:
+    tokens: np.ndarray
+    prompt_len: int
+    behaviour: np.ndarray
+    ref: np.ndarray | None
+    advantage: float
+    weight: float
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    """Token predicted at each position (shifted input ids), [B, L-1]."""
+    behaviour: torch.Tensor
+    ref: torch.Tensor | None
+    adv: torch.Tensor
+    weight: torch.Tensor
+    """Per-target loss weight (0 on prompt and padding), [B, L-1]."""
+
+
+def step_items(groups: list[TrainGroup], aggregation: str) -> list[SeqItem]:
+    items = []
+    for g in groups:
+        adv = grpo_advantages(g.scored.rewards)
+        prompt = np.asarray(g.scored.rollout.group.prompt_ids, np.int64)
+        for i, s in enumerate(g.scored.rollout.samples):
+            if len(s.token_ids) == 0:
+                continue
+            ref = g.ref_logprobs[i] if g.ref_logprobs is not None else None
+            items.append(SeqItem(np.concatenate([prompt, np.asarray(s.token_ids, np.int64)]), len(prompt),
+                                 np.asarray(s.logprobs, np.float32), ref, float(adv[i]), 0.0))
+    total_tokens = sum(len(it.behaviour) for it in items)
+    for it in items:
+        it.weight = 1.0 / total_tokens if aggregation == "token_mean" else 1.0 / (len(it.behaviour) * len(items))
+    return items
+
+
+def pack(items: list[SeqItem], budget: int) -> list[list[SeqItem]]:
+    batches: list[list[SeqItem]] = []
+    cur: list[SeqItem] = []
+    longest = 0
+    for it in items:
+        n = len(it.tokens)
+        if cur and (len(cur) + 1) * max(longest, n) > budget:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(it)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def collate(items: list[SeqItem], device: torch.device) -> MicroBatch:
+    if not items:  # the empty micro-batch of an idle rank
+        items = [SeqItem(np.array([PAD_ID, PAD_ID]), 1, np.zeros(1, np.float32), None, 0.0, 0.0)]
+    width = max(len(it.tokens) for it in items)
+    b = len(items)
+    ids = torch.full((b, width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    behaviour = torch.zeros((b, width - 1))
+    ref = torch.zeros((b, width - 1)) if any(it.ref is not None for it in items) else None
+    adv = torch.zeros((b, width - 1))
+    weight = torch.zeros((b, width - 1))
+    for r, it in enumerate(items):
+        n, p, t = len(it.tokens), it.prompt_len, len(it.behaviour)
+        ids[r, :n] = torch.from_numpy(it.tokens)
+        mask[r, :n] = 1
+        span = slice(p - 1, p - 1 + t)  # logits at p-1.. predict completion tokens
+        behaviour[r, span] = torch.from_numpy(it.behaviour)
+        if ref is not None and it.ref is not None:
+            ref[r, span] = torch.from_numpy(np.asarray(it.ref, np.float32))
+        adv[r, span] = it.advantage
+        weight[r, span] = it.weight
+    to = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return MicroBatch(ids.to(device), mask.to(device), ids[:, 1:].to(device), to(behaviour), to(ref),
+                      to(adv), to(weight))
+
+
+def rank_micro_batches(groups: list[TrainGroup], *, aggregation: str, budget: int, rank: int, world: int,
+                       device: torch.device) -> list[MicroBatch]:
+    planned = pack(step_items(groups, aggregation), budget)
+    rounds = max(1, -(-len(planned) // world))
+    mine = [planned[k * world + rank] if k * world + rank < len(planned) else [] for k in range(rounds)]
+    return [collate(items, device) for items in mine]
