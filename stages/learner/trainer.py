@@ -78,9 +78,11 @@ class Learner:
         self.dropped_counts = {"duplicate": 0, "stale": 0, "failed": 0}
 
     # ------------------------------------------------------------------ admission (rank 0)
-    def admit(self, groups: list[TrainGroup | GroupFailed]) -> tuple[list[TrainGroup], list[DroppedGroup]]:
-        """Split pulled groups into trainable ones and terminal drops (with reasons)."""
-        keep, dropped, seen = [], [], set()
+    def admit(self, groups: list[TrainGroup | GroupFailed], in_step: set[str] = frozenset()
+              ) -> tuple[list[TrainGroup], list[DroppedGroup]]:
+        """Split pulled groups into trainable ones and terminal drops (with reasons);
+        ``in_step``: ids already admitted into the step being assembled."""
+        keep, dropped, seen = [], [], set(in_step)
         for g in groups:
             if isinstance(g, GroupFailed):
                 if g.group_id not in self.consumed:

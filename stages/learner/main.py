@@ -1,0 +1,125 @@
+"""Learner stage shell: one process per rank; rank 0 owns every socket.
+
+Rank 0 pulls ``TrainGroup``/``GroupFailed`` from the ``train`` stream until it has
+``groups_per_step`` trainable groups (``Learner.admit`` drops duplicates, stale and failed
+ones with a reason), broadcasts the batch to all ranks (``feed.broadcast_batch``), and
+after the step: stages the new weights (full parameters → manifest + ``/dev/shm`` slot →
+``WeightsOffer`` to the publisher), publishes ``Progress`` (consumed and dropped ids) and
+sends step ``Metrics`` to the supervisor. Blocking torch work runs in a thread so
+heartbeats keep flowing.
+
+Drain (SIGTERM or ``Control(DRAIN)``): rank 0 finishes the step in progress, broadcasts a
+stop, every rank checkpoints (collective) and exits. Start: the newest complete checkpoint
+is resumed, and its weights are offered before anything else, so engines generate with
+the learner's weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+
+import torch
+import torch.distributed as dist
+
+import transport
+from pipeline.runtime import StageContext
+from schemas.messages import GroupFailed, Progress, TrainGroup, WeightsOffer
+from stages.learner.feed import StepBatch, broadcast_batch
+from stages.learner.trainer import Learner
+from stages.publisher.manifest import pack
+from stages.publisher.shm import ShmWeightWriter
+
+
+def shm_run_id(ctx: StageContext) -> str:
+    """Names this run's shm slots: stable across restarts, distinct across run dirs."""
+    return f"{ctx.stack.run.name}-{zlib.crc32(str(ctx.run_dir.resolve()).encode()):08x}"
+
+
+def _init_dist(ctx: StageContext) -> None:
+    s = ctx.stack
+    backend = "nccl" if s.learner.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=ctx.endpoints["learner.dist"], rank=ctx.replica,
+                            world_size=s.learner.world_size)
+
+
+async def run(ctx: StageContext) -> None:
+    s = ctx.stack
+    rank = ctx.replica
+    await asyncio.to_thread(_init_dist, ctx)
+    device = torch.device(f"cuda:{rank}" if s.learner.device.startswith("cuda") else "cpu")
+    learner: Learner = await asyncio.to_thread(
+        Learner, s.learner, model_name=s.model.name, run_dir=ctx.run_dir, max_staleness=s.run.max_staleness,
+        seed=s.run.seed, device=device)
+    resumed = await asyncio.to_thread(learner.resume)
+    ctx.log.info("learner ready", rank=rank, resumed=resumed, step=learner.step, version=learner.version)
+    engine_dtype = getattr(torch, s.model.dtype)
+
+    writer = ShmWeightWriter(shm_run_id(ctx)) if rank == 0 else None
+    if rank == 0:
+        inbox = ctx.work_in("train", credit=2 * s.learner.groups_per_step)
+        progress = ctx.publisher("progress")
+        offers = transport.push(ctx.endpoints["publish"], bind=False, sender=ctx.name, name="publish")
+        ctx._channels.append(offers)
+        await progress.send(Progress(learner.step, learner.version, [], []))
+
+    async def stage_weights() -> None:
+        params = await asyncio.to_thread(learner.full_parameters, engine_dtype)  # collective
+        if rank == 0:
+            man, payload = await asyncio.to_thread(pack, params, learner.version, s.publisher.bucket_mb << 20)
+            path = await asyncio.to_thread(writer.write, learner.version, [payload], man.total_bytes)
+            await offers.send(WeightsOffer(man, "shm", path, s.publisher.deadline_s))
+
+    await stage_weights()
+    ctx.weight_version = learner.version
+    last_step_at = time.perf_counter()
+
+    async def collect() -> StepBatch:
+        keep: list[TrainGroup] = []
+        while len(keep) < s.learner.groups_per_step:
+            try:
+                msg = await inbox.recv()
+            except EOFError:  # draining: train what is held, then stop
+                return StepBatch(keep, stop=not keep)
+            if isinstance(msg, (TrainGroup, GroupFailed)):
+                k, d = learner.admit([msg], in_step={g.scored.rollout.group.group_id for g in keep})
+                keep += k
+                if d:  # report terminal drops promptly: the source returns their credit
+                    await progress.send(Progress(learner.step, learner.version, [], list(d)))
+        return StepBatch(keep)
+
+    try:
+        while True:
+            batch = await collect() if rank == 0 else None
+            batch = await asyncio.to_thread(broadcast_batch, batch)
+            if batch.stop:
+                break
+            ctx.in_flight = len(batch.groups)
+            result = await asyncio.to_thread(learner.train_step, batch.groups)
+            if result.step % s.publisher.every_steps == 0 and not result.skipped:
+                await stage_weights()
+            if s.learner.checkpoint_every and result.step % s.learner.checkpoint_every == 0:
+                await asyncio.to_thread(learner.save_checkpoint)
+            ctx.weight_version = learner.version
+            ctx.processed += len(batch.groups)
+            ctx.in_flight = 0
+            if rank == 0:
+                now = time.perf_counter()
+                n_samples = sum(len(g.scored.rollout.samples) for g in batch.groups)
+                metrics = dict(result.metrics, samples_per_s=n_samples / max(now - last_step_at, 1e-9),
+                               dropped_stale=float(learner.dropped_counts["stale"]),
+                               dropped_duplicate=float(learner.dropped_counts["duplicate"]),
+                               dropped_failed=float(learner.dropped_counts["failed"]))
+                last_step_at = now
+                await progress.send(Progress(result.step, result.version, result.consumed_ids, []))
+                await ctx.metrics(result.step, metrics)
+                ctx.log.info("step", step=result.step, version=result.version, skipped=result.skipped,
+                             reward_mean=round(metrics["reward_mean"], 4), loss=round(metrics["loss"], 5))
+        await asyncio.to_thread(learner.save_checkpoint)
+        ctx.log.info("learner drained", step=learner.step, version=learner.version)
+    finally:
+        if writer is not None:
+            writer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
