@@ -238,6 +238,8 @@ class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, gc=False):
 
     seq: int
     messages: list[list[bytes]]
+    epoch: int = 0
+    """Random id of the publisher instance that took the snapshot."""
 
 
 # --------------------------------------------------------------------------- work queue

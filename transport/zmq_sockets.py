@@ -9,8 +9,8 @@ Invariants:
 - PUB/SUB ready handshake: a subscriber connects SUB, then says ``Hello(nonce)`` on the
   publisher's sync ROUTER until it sees ``Welcome(nonce)`` on SUB (its subscription is
   live), then asks for a ``Snapshot`` (last message of each topic plus the sequence number
-  it reflects). PUB frames carry a sequence number; anything at or below the snapshot's is
-  discarded. A late joiner therefore misses nothing it needs and sees nothing twice.
+  it reflects). PUB frames carry (publisher epoch, sequence number); anything at or below
+  the snapshot's in the same epoch is discarded; a restarted publisher has a new epoch. A late joiner therefore misses nothing it needs and sees nothing twice.
 - ``close()`` is idempotent and closes the zmq socket with the configured linger.
 
 Failure behaviour: a handshake that gets no Welcome within ``timeout`` raises
@@ -20,6 +20,7 @@ Failure behaviour: a handshake that gets no Welcome within ``timeout`` raises
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 import uuid
 from typing import Any, Sequence
@@ -40,7 +41,7 @@ from transport.base import (
 HANDSHAKE_RETRY_S = 0.1
 """How often a subscriber repeats Hello while its subscription propagates (usually < 10 ms
 on loopback; a retry costs one tiny message)."""
-_SEQ = struct.Struct(">Q")
+_SEQ = struct.Struct(">QQ")  # (publisher epoch, sequence number)
 
 
 def context() -> zmq.asyncio.Context:
@@ -126,6 +127,9 @@ class PubChannel(_ZmqChannel, Sender):
         self.sync = _make_socket(zmq.ROUTER, hwm, linger_ms, max_message_bytes)
         self.sync_address = _attach(self.sync, sync_address, True)
         self.seq = 0
+        self.epoch = int.from_bytes(os.urandom(8), "big")
+        """Random per publisher instance: a restarted publisher starts a new sequence, and
+        subscribers must not discard its messages as already seen."""
         self.last: dict[str, list[bytes]] = {}
         self._server = asyncio.get_running_loop().create_task(self._serve_sync())
 
@@ -135,7 +139,7 @@ class PubChannel(_ZmqChannel, Sender):
         self.seq += 1
         if tag != "welcome":
             self.last[tag] = [bytes(memoryview(f).cast("B")) for f in frames]
-        await self.sock.send_multipart([tag.encode(), _SEQ.pack(self.seq), *frames], copy=False)
+        await self.sock.send_multipart([tag.encode(), _SEQ.pack(self.epoch, self.seq), *frames], copy=False)
         self.stats.sent += 1
 
     async def _serve_sync(self) -> None:
@@ -148,7 +152,7 @@ class PubChannel(_ZmqChannel, Sender):
             if isinstance(msg, Hello):
                 await self.send(Welcome(msg.nonce, self.seq + 1))
             elif isinstance(msg, SnapshotRequest):
-                snap = Snapshot(self.seq, list(self.last.values()))
+                snap = Snapshot(self.seq, list(self.last.values()), self.epoch)
                 await self.sync.send_multipart([ident, *self.codec.encode(snap)])
 
     def close(self) -> None:
@@ -173,6 +177,7 @@ class SubChannel(_ZmqChannel, Receiver):
         self.sync.connect(sync_address)
         self.sync_address = sync_address
         self.snapshot_seq = 0
+        self.snapshot_epoch = -1
         self._pending: list[tuple[Envelope, Message]] = []
         self._early: list[tuple[int, Sequence[Any]]] = []
 
@@ -196,14 +201,14 @@ class SubChannel(_ZmqChannel, Receiver):
             if got is not None and isinstance(got[1], Snapshot):
                 break
         snap: Snapshot = got[1]
-        self.snapshot_seq = snap.seq
+        self.snapshot_seq, self.snapshot_epoch = snap.seq, snap.epoch
         for frames in snap.messages:
             m = self._accept(frames)
             if m is not None and self._wanted(m[0].tag):
                 self._pending.append(m)
         # Messages that arrived on SUB during the handshake, newer than the snapshot.
-        for seq, frames in self._early:
-            if seq > self.snapshot_seq:
+        for (epoch, seq), frames in self._early:
+            if self._fresh(epoch, seq):
                 m = self._accept(frames)
                 if m is not None and not isinstance(m[1], Welcome):
                     self._pending.append(m)
@@ -212,13 +217,17 @@ class SubChannel(_ZmqChannel, Receiver):
     def _wanted(self, tag: str) -> bool:
         return any(tag.startswith(t) for t in self.topics)
 
+    def _fresh(self, epoch: int, seq: int) -> bool:
+        """Not already reflected in the snapshot (a new publisher epoch is always fresh)."""
+        return epoch != self.snapshot_epoch or seq > self.snapshot_seq
+
     async def _await_welcome(self, nonce: str, until: float) -> bool:
         loop = asyncio.get_running_loop()
         while (remaining := until - loop.time()) > 0:
             if not await self.sock.poll(remaining * 1000):
                 return False
             _, seq_b, *frames = await self.sock.recv_multipart(copy=False)
-            seq = _SEQ.unpack(seq_b.bytes)[0]
+            seq = _SEQ.unpack(seq_b.bytes)
             try:
                 env = self.codec.decode_envelope(frames)
             except Exception:
@@ -237,7 +246,7 @@ class SubChannel(_ZmqChannel, Receiver):
             return self._pending.pop(0)
         while True:
             _, seq_b, *frames = await self.sock.recv_multipart(copy=False)
-            if _SEQ.unpack(seq_b.bytes)[0] <= self.snapshot_seq:
+            if not self._fresh(*_SEQ.unpack(seq_b.bytes)):
                 continue
             got = self._accept(frames)
             if got is not None and not isinstance(got[1], Welcome):

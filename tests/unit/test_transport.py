@@ -143,3 +143,29 @@ async def test_router_dealer_request_reply():
         assert env.sender == "gateway/0" and msg == m.Hello("ping")
         await router.send_to(ident, m.Hello("pong"))
         assert await asyncio.wait_for(dealer.recv(), 5) == m.Hello("pong")
+
+
+async def test_subscriber_keeps_receiving_from_a_restarted_publisher():
+    pub = transport.pub("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", sender="learner/0")
+    addr, sync = pub.address, pub.sync_address
+    for i in range(5):
+        await pub.send(m.Progress(i, i, []))
+    sub = transport.sub(addr, sync, sender="source/0", topics=["progress"])
+    await sub.ready(5)
+    assert (await asyncio.wait_for(sub.recv(), 5)).step == 4  # last value
+    pub.close()
+    await asyncio.sleep(0.2)
+    pub = transport.pub(addr, sync, sender="learner/0")  # restarted: sequence starts again at 1
+    got = None
+    try:
+        for _ in range(100):  # until the SUB socket has reconnected
+            await pub.send(m.Progress(1, 1, ["after-restart"]))
+            try:
+                got = await asyncio.wait_for(sub.recv(), 0.05)
+                break
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        sub.close()
+        pub.close()
+    assert got is not None and got.consumed_ids == ["after-restart"]
