@@ -40,6 +40,9 @@ from transport.record import StreamRecorder
 from transport.workqueue import WORKER_CREDIT, WorkPuller
 
 STACK_FILE = "stack.json"
+SUBSCRIBE_TIMEOUT_S = 180.0
+"""Broadcast publishers (learner rank 0, publisher) may take a while to come up (model
+build, checkpoint load); a subscriber waits this long for their handshake."""
 PARENT_WATCH_S = 1.0
 """How often a stage checks that its supervisor still lives (backup to PR_SET_PDEATHSIG)."""
 
@@ -128,7 +131,7 @@ class StageContext:
         ch = transport.sub(self.endpoints[topic], self.endpoints[f"{topic}.sync"], sender=self.name,
                            name=topic, topics=topics)
         self._keep(ch, topic)
-        await ch.ready()
+        await ch.ready(SUBSCRIBE_TIMEOUT_S)
         return ch
 
     def publisher(self, topic: str) -> transport.Sender:

@@ -1,0 +1,164 @@
+"""``pipeline``: the command line.
+
+    pipeline up FILE [--max-steps N] [--run-dir DIR]   run a stack (live view; exit 0 after N steps)
+    pipeline check FILE                                 validate a stack file (exit 2 naming the field)
+    pipeline status [--run-dir DIR]                     one status table from a running stack
+    pipeline scale STAGE N [--run-dir DIR]              change the replicas of a running stack
+    pipeline replay FILE --into STAGE [--stack FILE]    run one stage alone on a recording
+
+Exit codes: 0 success, 1 the stack failed (reason printed), 2 bad input (stack file,
+arguments, no running stack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+import transport
+from pipeline import endpoints as ep
+from schemas.messages import ScaleRequest, StatusReply, StatusRequest
+from schemas.stack import Stack, StackError, load_stack
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+console = Console()
+VIEW_REFRESH_S = 0.5
+PLAIN_EVERY_S = 5.0
+"""Without a terminal (CI, logs) print one status line every 5 s instead of a live table."""
+
+
+def _load(path: Path) -> Stack:
+    try:
+        return load_stack(path)
+    except StackError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2)
+
+
+def status_table(st: StatusReply, title: str = "") -> Table:
+    t = Table(title=title or None, expand=False)
+    for col in ("stage", "replicas", "alive", "restarts", "queue", "processed"):
+        t.add_column(col, justify="right" if col != "stage" else "left")
+    for s in st.stages:
+        t.add_row(s.stage, str(s.replicas), str(s.alive), str(s.restarts), str(s.queue_depth), str(s.processed))
+    t.caption = (f"step {st.step}  reward {st.reward_mean:.3f}  samples/s {st.samples_per_s:.1f}  "
+                 f"weights v{st.weight_version}  staleness {st.staleness_mean:.2f}")
+    return t
+
+
+@app.command()
+def check(file: Path) -> None:
+    """Validate a stack file: exit 0 with a summary, or exit 2 naming the field."""
+    s = _load(file)
+    console.print(f"{file}: ok — run {s.run.name!r}, model {s.model.name}, task {s.task.name}, "
+                  f"rollout×{s.rollout.replicas} ({s.rollout.engine}), reward×{s.reward.replicas}, "
+                  f"logprob×{s.logprob.replicas}, learner×{s.learner.world_size}, max_staleness {s.run.max_staleness}")
+
+
+@app.command()
+def up(file: Path, max_steps: int = typer.Option(None, help="stop cleanly after this many learner steps"),
+       run_dir: Path = typer.Option(None, help="run directory (default: the stack's run.dir)")) -> None:
+    """Run a stack until interrupted (or --max-steps), with a live view."""
+    from pipeline.plot import write_reward_plot
+    from pipeline.supervisor import Supervisor
+    from stages.tasks import chance_reward
+
+    stack = _load(file)
+    if run_dir is not None:
+        stack.run.dir = str(run_dir)
+    rd = Path(stack.run.dir)
+    try:
+        chance = chance_reward(stack.task.name, max_new_tokens=stack.rollout.max_tokens)
+        console.print(f"task {stack.task.name!r}: chance reward {chance:.3f} (uniform random policy)")
+    except Exception as e:  # a user task may not support it; not fatal
+        console.print(f"task {stack.task.name!r}: chance reward unknown ({e})")
+    console.print(f"run dir {rd}  (logs, metrics.jsonl, checkpoints, reward.png)")
+    sup = Supervisor(stack, rd, max_steps=max_steps, shutdown_timeout=30.0)
+    t0 = time.time()
+
+    async def view(sup: Supervisor) -> None:
+        if sys.stdout.isatty():
+            with Live(status_table(sup.status()), console=console, refresh_per_second=4) as live:
+                while True:
+                    await asyncio.sleep(VIEW_REFRESH_S)
+                    live.update(status_table(sup.status(), f"{stack.run.name} — {time.time() - t0:.0f}s"))
+        else:
+            while True:
+                await asyncio.sleep(PLAIN_EVERY_S)
+                st = sup.status()
+                alive = " ".join(f"{s.stage}={s.alive}/{s.replicas}" for s in st.stages)
+                print(f"[{time.time() - t0:6.0f}s] step {st.step} reward {st.reward_mean:.3f} "
+                      f"samples/s {st.samples_per_s:.1f} weights v{st.weight_version} "
+                      f"staleness {st.staleness_mean:.2f} | {alive}", flush=True)
+
+    code = transport.run(sup.run(on_tick=view))
+    plot = write_reward_plot(rd)
+    if plot:
+        console.print(f"wrote {plot}")
+    if sup.failure:
+        console.print(f"[red]stack failed:[/red] {sup.failure}")
+    raise typer.Exit(code)
+
+
+def _ask(run_dir: Path, msg) -> StatusReply:
+    try:
+        address = ep.load(run_dir)["supervisor"]
+    except FileNotFoundError:
+        console.print(f"[red]error:[/red] no {ep.ENDPOINTS_FILE} in {run_dir}: is a stack running there?")
+        raise typer.Exit(2)
+    from transport.zmq_sockets import DealerChannel
+
+    async def ask() -> StatusReply:
+        with DealerChannel(address, sender="cli") as d:
+            await d.send(msg)
+            return await asyncio.wait_for(d.recv(), 5.0)
+
+    try:
+        return transport.run(ask())
+    except (asyncio.TimeoutError, TimeoutError):
+        console.print(f"[red]error:[/red] no answer from the supervisor at {address}")
+        raise typer.Exit(2)
+
+
+@app.command()
+def status(run_dir: Path = typer.Option(Path("runs/default"), help="run directory of the running stack")) -> None:
+    """Print the status table of a running stack once."""
+    console.print(status_table(_ask(run_dir, StatusRequest())))
+
+
+@app.command()
+def scale(stage: str, replicas: int,
+          run_dir: Path = typer.Option(Path("runs/default"), help="run directory of the running stack")) -> None:
+    """Change the replica count of a stage (scaling down drains first)."""
+    reply = _ask(run_dir, ScaleRequest(stage, replicas))
+    console.print(reply.detail)
+    raise typer.Exit(0 if reply.ok else 2)
+
+
+@app.command()
+def replay(file: Path, into: str = typer.Option(..., help="stage to feed: rollout, reward, logprob or learner"),
+           stack_file: Path = typer.Option(Path("ops/stack.toml"), "--stack", help="stack file for the stage's settings"),
+           out: Path = typer.Option(None, help="write the stage's output stream here"),
+           quiet_s: float = typer.Option(5.0, help="stop after this long without output once input is fed")) -> None:
+    """Run one stage alone on a recording and report what it produced."""
+    from pipeline.replay import replay_into_stage
+
+    stack = _load(stack_file)
+    try:
+        counts = transport.run(replay_into_stage(stack, file, into, out, quiet_s))
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    for tag, n in sorted(counts.items()):
+        console.print(f"{tag}: {n}")
+
+
+if __name__ == "__main__":
+    app()
