@@ -92,8 +92,13 @@ class WorkBroker:
                     got = self.back._accept(frames)
                     if got is not None and isinstance(got[1], Credit):
                         key = ident.bytes
-                        self.credit[key] = self.credit.get(key, 0) + got[1].n
-                        self.names[key] = got[1].worker
+                        if got[1].n >= 0:
+                            self.credit[key] = self.credit.get(key, 0) + got[1].n
+                            self.names[key] = got[1].worker
+                        else:  # revoke unused credit; tell the worker how much was revoked
+                            revoked = min(-got[1].n, self.credit.pop(key, 0))
+                            await self.back.sock.send_multipart(
+                                [ident, *self.back.codec.encode(Credit(revoked, self.name))])
             if front_registered and self.front.sock in events:
                 while len(self.queue) < self.hwm:
                     try:
@@ -137,6 +142,7 @@ class WorkPuller(_ZmqChannel, Receiver):
         self.max_credit = credit
         self.outstanding = 0
         self.draining = False
+        self._revoke_sent = False
 
     async def _grant(self) -> None:
         n = self.max_credit - self.outstanding
@@ -147,14 +153,22 @@ class WorkPuller(_ZmqChannel, Receiver):
     async def recv_envelope(self) -> tuple[Envelope, Message]:
         while True:
             await self._grant()
+            if self.draining and not self._revoke_sent and self.outstanding > 0:
+                await self.sock.send_multipart(self.codec.encode(Credit(-self.outstanding, self.codec.sender)))
+                self._revoke_sent = True
             if self.draining and self.outstanding == 0:
                 raise EOFError(f"{self.name}: drained")
             frames = await self.sock.recv_multipart(copy=False)
-            self.outstanding -= 1
             got = self._accept(frames)
+            if got is not None and isinstance(got[1], Credit):  # revocation acknowledged
+                self.outstanding -= got[1].n
+                continue
+            self.outstanding -= 1
             if got is not None:
                 return got
 
     def drain(self) -> None:
-        """Stop asking for work; ``recv`` returns what is already granted, then EOFError."""
+        """Stop asking for work. ``recv`` returns the items already on their way, then
+        raises EOFError; credit the broker has not used yet is revoked (the broker
+        acknowledges how much), so draining ends even when no more work arrives."""
         self.draining = True

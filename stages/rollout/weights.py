@@ -24,10 +24,13 @@ class ShmWeightLoader:
         self.engine = engine
         self.engine_name = engine_name
         self.reader = ShmWeightReader()
+        self.loaded_any = False
+        """The engine starts on seeded weights labelled version 0; the first offer is loaded
+        even at version 0, so its digests are checked and it is acknowledged."""
 
     async def apply(self, offer: WeightsOffer) -> WeightsLoaded | None:
         version = offer.manifest.version
-        if version <= self.engine.weight_version:
+        if version < self.engine.weight_version or (version == self.engine.weight_version and self.loaded_any):
             return None
         t0 = time.perf_counter()
         try:
@@ -46,6 +49,7 @@ class ShmWeightLoader:
             await self.engine.abort_weight_update()
             return WeightsLoaded(version, self.engine_name, False, [], str(e))
         await self.engine.finish_weight_update(version)
+        self.loaded_any = True
         return WeightsLoaded(version, self.engine_name, True, digests, "", time.perf_counter() - t0)
 
     def close(self) -> None:

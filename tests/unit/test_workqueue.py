@@ -3,6 +3,7 @@
 import asyncio
 
 import numpy as np
+import pytest
 
 import transport
 from schemas import messages as m
@@ -92,3 +93,20 @@ async def test_a_worker_holds_at_most_its_credit_and_queue_is_bounded():
         c.close()
     broker.close()
     assert got == list(range(200))
+
+
+async def test_drain_ends_even_when_no_more_work_arrives():
+    broker = await _broker()
+    push = transport.push(broker.front_address, bind=False, sender="src/0")
+    w = WorkPuller(broker.back_address, sender="w/0", credit=8)
+    await push.send(m.Progress(0, 0, []))
+    assert (await asyncio.wait_for(w.recv(), 5)).step == 0
+    w.drain()  # 8 credits granted, 1 used, and the queue is empty
+    with pytest.raises(EOFError):
+        await asyncio.wait_for(w.recv(), 5)
+    await push.send(m.Progress(1, 0, []))  # goes to nobody: the credit was revoked
+    other = WorkPuller(broker.back_address, sender="w/1")
+    assert (await asyncio.wait_for(other.recv(), 5)).step == 1
+    for c in (w, other, push):
+        c.close()
+    broker.close()
