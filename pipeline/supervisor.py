@@ -58,6 +58,9 @@ MONITOR_INTERVAL_S = 0.2
 STARTUP_GRACE_S = 60.0
 """A replica is not declared silent before it had this long to start (imports, model build)."""
 SCALABLE = ("rollout", "reward", "logprob")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+"""Set for every child unless the user set them: torch's default of one thread per core in
+each of a stack's ~7 processes oversubscribes the CPU many times over."""
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Supervisor:
         self.step = 0
         self.last_metrics: dict[str, float] = {}
         self.brokers: dict[str, WorkBroker] = {}
+        self.threads_per_process = max(1, (os.cpu_count() or 1) // max(1, sum(self.desired.values())))
         self.endpoints: dict[str, str] = {}
 
     # ------------------------------------------------------------------ processes
@@ -115,6 +119,8 @@ class Supervisor:
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{r.kind}-{r.index}.out", "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for var in THREAD_VARS:  # many processes share the cores: one compute thread each
+            env.setdefault(var, str(self.threads_per_process))
         r.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.stage", target, "--run-dir", str(self.run_dir),
              "--replica", str(r.index), "--name", r.kind],
