@@ -112,3 +112,77 @@ def run_world(fn, world: int, *args, timeout: float = 240.0) -> list:
         if isinstance(v, BaseException):
             raise RuntimeError(f"rank {r} failed: {v!r}") from v
     return [results[r] for r in range(world)]
+
+
+# --------------------------------------------------------------------------- fake stages
+# Tiny stage bodies (``async run(ctx)``) for supervisor tests: ``pipeline.stage`` runs them
+# as ``stages.testing:fake_source`` etc. Knobs come from the environment the supervisor
+# passes on: FAKE_ITEMS (groups the source sends; 0 = endless), FAKE_WORK_S (per item).
+
+FAKE_NEXT = {"rollout": ("prompts", "rollouts"), "reward": ("rollouts", "scored"), "logprob": ("scored", "train")}
+
+
+async def fake_source(ctx) -> None:
+    import asyncio
+    import json
+    import os
+
+    n = int(os.environ.get("FAKE_ITEMS", "0"))
+    out = ctx.work_out("prompts")
+    i = 0
+    with open(ctx.run_dir / "fake_sent.jsonl", "a") as log:
+        while (n == 0 or i < n) and not ctx.draining.is_set():
+            await out.send(make_prompt_group(f"f{i}", n_samples=1))
+            log.write(json.dumps(f"f{i}") + "\n")
+            log.flush()
+            ctx.processed += 1
+            i += 1
+            if n == 0:
+                await asyncio.sleep(0.01)
+    await ctx.draining.wait()
+
+
+async def fake_worker(ctx) -> None:
+    """Passes work along its stream (by stage kind), wrapping it in the next message type."""
+    import asyncio
+    import os
+
+    work_s = float(os.environ.get("FAKE_WORK_S", "0.005"))
+    src, dst = FAKE_NEXT[ctx.kind]
+    inbox, out = ctx.work_in(src), ctx.work_out(dst)
+    async for msg in ctx.consume(inbox):
+        await asyncio.sleep(work_s)
+        if ctx.kind == "rollout":
+            nxt = Rollout(msg, [], ctx.name)
+        elif ctx.kind == "reward":
+            nxt = ScoredGroup(msg, np.zeros(0, np.float32))
+        else:
+            nxt = TrainGroup(msg)
+        await out.send(nxt)
+        ctx.processed += 1
+
+
+async def fake_sink(ctx) -> None:
+    """Learner stand-in: records every group id it receives; Metrics every 5 groups."""
+    import json
+
+    inbox = ctx.work_in("train")
+    n = 0
+    with open(ctx.run_dir / "fake_received.jsonl", "a") as log:
+        async for msg in ctx.consume(inbox):
+            log.write(json.dumps(msg.scored.rollout.group.group_id) + "\n")
+            log.flush()
+            n += 1
+            ctx.processed += 1
+            if n % 5 == 0:
+                await ctx.metrics(n // 5, {"reward_mean": 0.0, "samples_per_s": 0.0,
+                                           "weight_version": float(n // 5), "staleness_mean": 0.0})
+
+
+async def fake_idle(ctx) -> None:
+    await ctx.draining.wait()
+
+
+FAKE_TARGETS = {"source": "stages.testing:fake_source", "rollout": "stages.testing:fake_worker",
+                "reward": "stages.testing:fake_worker", "logprob": "stages.testing:fake_worker",
+                "learner": "stages.testing:fake_sink", "publisher": "stages.testing:fake_idle"}

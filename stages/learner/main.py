@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import zlib
 
 import torch
 import torch.distributed as dist
@@ -29,12 +28,7 @@ from schemas.messages import GroupFailed, Progress, TrainGroup, WeightsOffer
 from stages.learner.feed import StepBatch, broadcast_batch
 from stages.learner.trainer import Learner
 from stages.publisher.manifest import pack
-from stages.publisher.shm import ShmWeightWriter
-
-
-def shm_run_id(ctx: StageContext) -> str:
-    """Names this run's shm slots: stable across restarts, distinct across run dirs."""
-    return f"{ctx.stack.run.name}-{zlib.crc32(str(ctx.run_dir.resolve()).encode()):08x}"
+from stages.publisher.shm import ShmWeightWriter, run_slot_id
 
 
 def _init_dist(ctx: StageContext) -> None:
@@ -56,7 +50,7 @@ async def run(ctx: StageContext) -> None:
     ctx.log.info("learner ready", rank=rank, resumed=resumed, step=learner.step, version=learner.version)
     engine_dtype = getattr(torch, s.model.dtype)
 
-    writer = ShmWeightWriter(shm_run_id(ctx)) if rank == 0 else None
+    writer = ShmWeightWriter(run_slot_id(s.run.name, ctx.run_dir)) if rank == 0 else None
     if rank == 0:
         inbox = ctx.work_in("train", credit=2 * s.learner.groups_per_step)
         progress = ctx.publisher("progress")
@@ -86,6 +80,7 @@ async def run(ctx: StageContext) -> None:
                 k, d = learner.admit([msg], in_step={g.scored.rollout.group.group_id for g in keep})
                 keep += k
                 if d:  # report terminal drops promptly: the source returns their credit
+                    learner.record_dropped(d)
                     await progress.send(Progress(learner.step, learner.version, [], list(d)))
         return StepBatch(keep)
 
@@ -107,7 +102,8 @@ async def run(ctx: StageContext) -> None:
             if rank == 0:
                 now = time.perf_counter()
                 n_samples = sum(len(g.scored.rollout.samples) for g in batch.groups)
-                metrics = dict(result.metrics, samples_per_s=n_samples / max(now - last_step_at, 1e-9),
+                metrics = dict(result.metrics, samples=float(n_samples),
+                               samples_per_s=n_samples / max(now - last_step_at, 1e-9),
                                dropped_stale=float(learner.dropped_counts["stale"]),
                                dropped_duplicate=float(learner.dropped_counts["duplicate"]),
                                dropped_failed=float(learner.dropped_counts["failed"]))

@@ -101,6 +101,14 @@ class Learner:
                 seen.add(gid)
         return keep, dropped
 
+    def record_dropped(self, dropped: list[DroppedGroup]) -> None:
+        """Append terminal drops to ``consumed.jsonl`` (rank 0), next to trained ids, so
+        issued.jsonl can be reconciled against one file."""
+        if dropped and self.rank == 0:
+            with open(self.run_dir / CONSUMED_FILE, "a") as f:
+                f.write(json.dumps({"step": self.step, "version": self.version, "time": time.time(),
+                                    "dropped": [[d.group_id, d.reason] for d in dropped]}) + "\n")
+
     # ------------------------------------------------------------------ training (all ranks)
     def train_step(self, groups: list[TrainGroup], *, corrupt_grads: bool = False) -> StepResult:
         """One optimizer step on ``groups`` (identical on every rank). ``corrupt_grads``

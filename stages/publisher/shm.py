@@ -38,6 +38,13 @@ class TornRead(Exception):
     """The slot changed while it was read; load the newer version instead."""
 
 
+def run_slot_id(run_name: str, run_dir: str | Path) -> str:
+    """Names a run's slots: stable across restarts, distinct across run directories."""
+    import zlib
+
+    return f"{run_name}-{zlib.crc32(str(Path(run_dir).resolve()).encode()):08x}"
+
+
 def slot_path(run_id: str, slot: int, generation: int) -> Path:
     return SHM_DIR / f"conveyor-{run_id}-w{slot}-g{generation}"
 

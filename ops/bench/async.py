@@ -1,0 +1,75 @@
+"""Async against sync: the default stack with ``max_staleness = 0`` and with 2.
+
+    python ops/bench/async.py [--quick] [--steps N]
+
+Both runs use ``ops/stack.toml`` with the same seed and the same number of learner steps;
+only ``run.max_staleness`` differs. With 0 the source issues one step's worth of groups
+and waits for the learner (generation waits for training: synchronous RL); with 2 it keeps
+up to three steps' worth in flight. Each run is a real ``pipeline up`` (all processes).
+
+samples/s = completions trained between the first and the last step / wall time between
+them (start-up excluded); final reward = mean reward of the last 10% of steps. Last line:
+
+    bench async: sync_samples_per_s=A async_samples_per_s=B speedup=S sync_final_reward=R0 async_final_reward=R1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_stack(base: dict, staleness: int, run_dir: Path) -> Path:
+    lines = []
+    for section, values in base.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if section == "run" and k == "max_staleness":
+                v = staleness
+            lines.append(f"{k} = {json.dumps(v)}")
+    path = run_dir.parent / f"stack-s{staleness}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(stack: Path, run_dir: Path, steps: int) -> dict:
+    cmd = [sys.executable, "-m", "pipeline.cli", "up", str(stack), "--max-steps", str(steps), "--run-dir", str(run_dir)]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][:steps]
+    elapsed = rows[-1]["time"] - rows[0]["time"]
+    trained = sum(r["samples"] for r in rows[1:])
+    tail = rows[-max(1, len(rows) // 10):]
+    return {"samples_per_s": trained / elapsed, "final_reward": sum(r["reward_mean"] for r in tail) / len(tail),
+            "steps": len(rows), "seconds": elapsed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="30 steps each (< 2 minutes in all)")
+    ap.add_argument("--steps", type=int, default=None)
+    args = ap.parse_args()
+    steps = args.steps or (30 if args.quick else 300)
+    base = tomllib.loads((ROOT / "ops" / "stack.toml").read_text())
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
+        for staleness in (0, 2):
+            run_dir = Path(tmp) / f"s{staleness}"
+            out[staleness] = run(write_stack(base, staleness, run_dir), run_dir, steps)
+            r = out[staleness]
+            print(f"max_staleness={staleness}: {r['steps']} steps in {r['seconds']:.1f}s, "
+                  f"{r['samples_per_s']:.1f} samples/s, final reward {r['final_reward']:.3f}", flush=True)
+    s, a = out[0], out[2]
+    print(f"bench async: sync_samples_per_s={s['samples_per_s']:.1f} async_samples_per_s={a['samples_per_s']:.1f} "
+          f"speedup={a['samples_per_s'] / s['samples_per_s']:.2f} sync_final_reward={s['final_reward']:.3f} "
+          f"async_final_reward={a['final_reward']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
