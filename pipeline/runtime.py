@@ -173,7 +173,11 @@ class StageContext:
             rec.close()
 
 
-def _set_parent_death_signal() -> None:
+SUPERVISOR_PID_VAR = "CONVEYOR_SUPERVISOR_PID"
+"""Set by the supervisor for each child: the pid the child must outlive no longer than."""
+
+
+def set_parent_death_signal() -> None:
     """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
     with contextlib.suppress(Exception):
         import ctypes
@@ -209,8 +213,10 @@ async def _follow_control(ctx: StageContext, main_task: asyncio.Task) -> None:
 async def run_stage(kind: str, replica: int, run_dir: Path,
                     body: Callable[[StageContext], Awaitable[None]]) -> int:
     """Run one stage replica to completion; returns the process exit code."""
-    _set_parent_death_signal()
-    parent = os.getppid()
+    set_parent_death_signal()
+    parent = int(os.environ.get(SUPERVISOR_PID_VAR, os.getppid()))
+    if os.getppid() != parent:  # the supervisor died while this process was starting
+        return 1
     stack = read_stack(run_dir)
     endpoints = ep.load(run_dir)
     log = configure_logging(run_dir / "logs" / f"{kind}-{replica}.jsonl", stage=kind, replica=replica)

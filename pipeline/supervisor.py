@@ -36,7 +36,7 @@ import structlog
 
 import transport
 from pipeline import endpoints as ep
-from pipeline.runtime import write_stack
+from pipeline.runtime import SUPERVISOR_PID_VAR, configure_logging, set_parent_death_signal, write_stack
 from schemas.messages import (
     Control, ControlCommand, Heartbeat, Metrics, ScaleRequest, StageStatus, StatusReply, StatusRequest,
 )
@@ -121,10 +121,12 @@ class Supervisor:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for var in THREAD_VARS:  # many processes share the cores: one compute thread each
             env.setdefault(var, str(self.threads_per_process))
+        env[SUPERVISOR_PID_VAR] = str(os.getpid())
         r.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.stage", target, "--run-dir", str(self.run_dir),
              "--replica", str(r.index), "--name", r.kind],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+            preexec_fn=set_parent_death_signal)  # armed before exec: no window during imports
         out.close()
         r.started_at = time.monotonic()
         self.health.forget(r.name)
@@ -247,6 +249,7 @@ class Supervisor:
     # ------------------------------------------------------------------ lifecycle
     async def run(self, on_tick=None) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        configure_logging(self.run_dir / "logs" / "supervisor.jsonl", stage="supervisor")
         self.endpoints = ep.assign(self.stack)
         ep.save(self.run_dir, self.endpoints)
         write_stack(self.run_dir, self.stack)
