@@ -75,7 +75,10 @@ def up(file: Path, max_steps: int = typer.Option(None, help="stop cleanly after 
         stack.run.dir = str(run_dir)
     rd = Path(stack.run.dir)
     try:
-        chance = chance_reward(stack.task.name, max_new_tokens=stack.rollout.max_tokens)
+        from stages.model import model_config
+
+        chance = chance_reward(stack.task.name, vocab_size=model_config(stack.model.name).vocab_size,
+                               max_new_tokens=stack.rollout.max_tokens)
         console.print(f"task {stack.task.name!r}: chance reward {chance:.3f} (uniform random policy)")
     except Exception as e:  # a user task may not support it; not fatal
         console.print(f"task {stack.task.name!r}: chance reward unknown ({e})")

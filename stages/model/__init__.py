@@ -27,7 +27,7 @@ TOKENIZER_PATH = Path(__file__).with_name("tokenizer.json")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 _TINY = dict(
-    vocab_size=128,
+    vocab_size=95,  # exactly the shipped tokenizer: no sampleable id may decode to nothing
     hidden_size=128,
     intermediate_size=384,
     num_hidden_layers=2,

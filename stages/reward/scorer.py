@@ -1,7 +1,7 @@
 """``RewardScorer``: the pure logic of the reward stage (no sockets; owns no event loop).
 
-``await scorer.score(rollout)`` decodes each completion with the tokenizer (special tokens
-skipped), picks the reward function for ``rollout.group.task`` and returns one
+``await scorer.score(rollout)`` decodes each completion with the tokenizer (trailing EOS
+removed, other special tokens kept as text: see ``completion_text``), picks the reward function for ``rollout.group.task`` and returns one
 ``ScoredGroup`` holding a reward for every sample: groups are emitted whole, in the sample
 order of the rollout.
 
@@ -217,6 +217,18 @@ class _ProcessWorker:
         return float(payload)
 
 
+def completion_text(tokenizer: Any, token_ids: Any) -> str:
+    """The text a reward function judges: one trailing EOS (the stop) removed, every other
+    token rendered, special ones included (``<pad>``, ``<unk>``...). Skipping specials
+    would let a policy pad a correct answer with invisible tokens and still score 1."""
+    from stages.model import EOS_ID
+
+    ids = np.asarray(token_ids).tolist()
+    if ids and ids[-1] == EOS_ID:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
 class RewardScorer:
     """Reward stage logic; see the module docstring for guarantees."""
 
@@ -284,8 +296,7 @@ class RewardScorer:
         started = time.perf_counter()
         spec = self.spec_for(rollout.group.task)
         answer = rollout.group.answer
-        texts = [self._tokenizer.decode(np.asarray(s.token_ids).tolist(), skip_special_tokens=True)
-                 for s in rollout.samples]
+        texts = [completion_text(self._tokenizer, s.token_ids) for s in rollout.samples]
         results = await asyncio.gather(*(self._score_one(spec, text, answer) for text in texts))
         rewards = np.asarray([reward for reward, _ in results], dtype=np.float32)
         errors = [error for _, error in results]
