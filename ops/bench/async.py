@@ -7,6 +7,7 @@ only ``run.max_staleness`` differs. With 0 the source issues one step's worth of
 and waits for the learner (generation waits for training: synchronous RL); with 2 it keeps
 up to three steps' worth in flight. Each run is a real ``pipeline up`` (all processes).
 
+Also printed per run: seconds from launch until the 10-step mean reward first reaches 0.8.
 samples/s = completions trained between the first and the last step / wall time between
 them (start-up excluded); final reward = mean reward of the last 10% of steps. Last line:
 
@@ -20,10 +21,13 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+TARGET_REWARD = 0.8
+"""The default stack's promise: mean reward ≥ 0.8 within 10 minutes on 2 CPU cores."""
 
 
 def write_stack(base: dict, staleness: int, run_dir: Path) -> Path:
@@ -41,13 +45,16 @@ def write_stack(base: dict, staleness: int, run_dir: Path) -> Path:
 
 def run(stack: Path, run_dir: Path, steps: int) -> dict:
     cmd = [sys.executable, "-m", "pipeline.cli", "up", str(stack), "--max-steps", str(steps), "--run-dir", str(run_dir)]
+    started = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][:steps]
+    rolling = [sum(r["reward_mean"] for r in rows[max(0, i - 9): i + 1]) / min(10, i + 1) for i in range(len(rows))]
+    reached = next((rows[i]["time"] - started for i, v in enumerate(rolling) if v >= TARGET_REWARD and i >= 9), None)
     elapsed = rows[-1]["time"] - rows[0]["time"]
     trained = sum(r["samples"] for r in rows[1:])
     tail = rows[-max(1, len(rows) // 10):]
     return {"samples_per_s": trained / elapsed, "final_reward": sum(r["reward_mean"] for r in tail) / len(tail),
-            "steps": len(rows), "seconds": elapsed}
+            "steps": len(rows), "seconds": elapsed, "time_to_target_s": reached}
 
 
 def main() -> None:
@@ -63,8 +70,10 @@ def main() -> None:
             run_dir = Path(tmp) / f"s{staleness}"
             out[staleness] = run(write_stack(base, staleness, run_dir), run_dir, steps)
             r = out[staleness]
+            ttt = f"{r['time_to_target_s']:.0f}s" if r["time_to_target_s"] is not None else "not reached"
             print(f"max_staleness={staleness}: {r['steps']} steps in {r['seconds']:.1f}s, "
-                  f"{r['samples_per_s']:.1f} samples/s, final reward {r['final_reward']:.3f}", flush=True)
+                  f"{r['samples_per_s']:.1f} samples/s, final reward {r['final_reward']:.3f}, "
+                  f"reward (10-step mean) >= {TARGET_REWARD} after {ttt} from launch", flush=True)
     s, a = out[0], out[2]
     print(f"bench async: sync_samples_per_s={s['samples_per_s']:.1f} async_samples_per_s={a['samples_per_s']:.1f} "
           f"speedup={a['samples_per_s'] / s['samples_per_s']:.2f} sync_final_reward={s['final_reward']:.3f} "
