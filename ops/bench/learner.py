@@ -1,0 +1,69 @@
+"""Learner benchmark: trained tokens/s on CPU for the default model, W=1 and W=2.
+
+    python ops/bench/learner.py [--quick]
+
+Each world size runs in its own spawned gloo world (one process per rank, FSDP2) on the same
+synthetic batches: ``--groups`` groups of 16 samples with 16-48 completion tokens and an
+8-token prompt, packed into micro-batches of 4096 tokens. Two warm-up steps, then
+``--steps`` timed steps; tokens/s = completion tokens trained / wall time (all ranks
+together). On a 2-core machine W=2 shares the same cores, so it shows the sharding and
+collective overhead rather than a speed-up. Last line:
+
+    bench learner: tokens_per_s_w1=N tokens_per_s_w2=M
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from schemas.stack import LearnerSection
+from stages.testing import make_train_group, run_world
+
+WARMUP_STEPS = 2
+
+
+def _batch(step: int, groups: int):
+    return [make_train_group(f"b{step}g{i}", n_samples=16, length=16 + (7 * i + step) % 33, seed=step * 97 + i)
+            for i in range(groups)]
+
+
+def _bench(steps: int, groups: int) -> float:
+    import torch
+    import torch.distributed as dist
+
+    from stages.learner.trainer import Learner
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // dist.get_world_size()))
+    cfg = LearnerSection(lr=1e-3, micro_batch_tokens=4096, groups_per_step=groups)
+    learner = Learner(cfg, model_name="tiny", run_dir=Path(tempfile.mkdtemp()), max_staleness=10)
+    for s in range(WARMUP_STEPS):
+        learner.train_step(_batch(s, groups))
+    batches = [_batch(100 + s, groups) for s in range(steps)]
+    dist.barrier()
+    t0 = time.perf_counter()
+    tokens = 0
+    for b in batches:
+        tokens += learner.train_step(b).metrics["tokens"]
+    dist.barrier()
+    return tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps (< 60 s)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--groups", type=int, default=16)
+    args = ap.parse_args()
+    steps = args.steps or (4 if args.quick else 20)
+    w1 = run_world(_bench, 1, steps, args.groups)[0]
+    print(f"W=1: {w1:.0f} trained tokens/s", flush=True)
+    w2 = run_world(_bench, 2, steps, args.groups)[0]
+    print(f"W=2: {w2:.0f} trained tokens/s", flush=True)
+    print(f"bench learner: tokens_per_s_w1={w1:.0f} tokens_per_s_w2={w2:.0f}")
+
+
+if __name__ == "__main__":
+    main()
