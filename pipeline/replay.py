@@ -4,7 +4,7 @@ A temporary run: the supervisor starts only the chosen stage (one replica) with 
 brokers; the recording's frames are pushed, unchanged, into the stage's input stream and
 whatever the stage emits on its output stream is counted by message tag and optionally
 recorded to ``out``. It stops once the input is fed and the output has been quiet for
-``quiet_s`` seconds.
+``quiet_s`` seconds (the first output may take up to ``STARTUP_S``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from schemas.stack import Stack
 from transport.record import StreamRecorder, replay_into
 from transport.workqueue import WorkPuller
 
+STARTUP_S = 120.0
+"""Longest wait for the stage's first output (imports, model build, worker start)."""
 STREAMS = {"rollout": ("prompts", "rollouts"), "reward": ("rollouts", "scored"),
            "logprob": ("scored", "train"), "learner": ("train", None)}
 
@@ -50,15 +52,16 @@ async def replay_into_stage(stack: Stack, recording: Path, stage: str, out: Path
         if puller is not None and recorder is not None:
             puller.taps.append(recorder)
         counts["input"] = await replay_into(recording, push.send_multipart)
-        last = asyncio.get_running_loop().time()
-        while asyncio.get_running_loop().time() - last < quiet_s:
+        loop = asyncio.get_running_loop()
+        last = loop.time() + STARTUP_S  # the stage needs time to start before its first output
+        while loop.time() - last < quiet_s:
             if puller is None:
                 await asyncio.sleep(0.2)
                 continue
             try:
                 env, _ = await asyncio.wait_for(puller.recv_envelope(), 0.2)
                 counts[env.tag] += 1
-                last = asyncio.get_running_loop().time()
+                last = loop.time()
             except asyncio.TimeoutError:
                 pass
         push.close(0)

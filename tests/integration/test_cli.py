@@ -1,0 +1,66 @@
+"""CLI paths against real processes: replay one stage on a recording; status and scale."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from transport.record import read_messages
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "tests" / "data"
+
+
+def test_replay_recorded_rollouts_into_the_reward_stage(tmp_path):
+    out = tmp_path / "scored.stream"
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "replay", str(DATA / "rollouts.stream"),
+                        "--into", "reward", "--out", str(out), "--quiet-s", "3"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "scored_group: 4" in r.stdout
+    expected = json.loads((DATA / "rollouts.expected.json").read_text())
+    got = {m.rollout.group.group_id: m.rewards for _, _, m in read_messages(out)}
+    assert got.keys() == expected.keys()
+    for gid, rewards in expected.items():
+        np.testing.assert_allclose(got[gid], rewards, rtol=1e-6)
+
+
+def test_status_and_scale_talk_to_a_running_stack(tmp_path):
+    stack = tmp_path / "stack.toml"
+    stack.write_text("[run]\nname='cli'\n[source]\n[rollout]\nreplicas=1\n[reward]\n[logprob]\n[learner]\n[publisher]\n")
+    run_dir = tmp_path / "run"
+    driver = textwrap.dedent(f"""
+        import asyncio, sys
+        from pathlib import Path
+        from pipeline.supervisor import Supervisor
+        from schemas.stack import load_stack
+        from stages.testing import FAKE_TARGETS
+        sup = Supervisor(load_stack({str(stack)!r}), Path({str(run_dir)!r}), targets=FAKE_TARGETS)
+        async def announce(sup):
+            while len(sup.pids()) < 6:
+                await asyncio.sleep(0.1)
+            print("up", flush=True)
+        sys.exit(asyncio.run(sup.run(on_tick=announce)))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        cli = [sys.executable, "-m", "pipeline.cli"]
+        st = subprocess.run(cli + ["status", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)
+        assert st.returncode == 0 and "rollout" in st.stdout and "learner" in st.stdout
+        sc = subprocess.run(cli + ["scale", "rollout", "2", "--run-dir", str(run_dir)], capture_output=True,
+                            text=True, timeout=60)
+        assert sc.returncode == 0 and "rollout: 2 replica(s)" in sc.stdout
+        bad = subprocess.run(cli + ["scale", "learner", "3", "--run-dir", str(run_dir)], capture_output=True,
+                             text=True, timeout=60)
+        assert bad.returncode == 2 and "cannot scale learner" in bad.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    nobody = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--run-dir", str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=60)
+    assert nobody.returncode == 2
