@@ -68,7 +68,7 @@ def up(file: Path, max_steps: int = typer.Option(None, help="stop cleanly after 
     """Run a stack until interrupted (or --max-steps), with a live view."""
     from pipeline.plot import write_reward_plot
     from pipeline.supervisor import Supervisor
-    from stages.tasks import chance_reward
+    from stages.tasks import chance_reward, resolve_task
 
     stack = _load(file)
     if run_dir is not None:
@@ -77,7 +77,7 @@ def up(file: Path, max_steps: int = typer.Option(None, help="stop cleanly after 
     try:
         from stages.model import model_config
 
-        chance = chance_reward(stack.task.name, vocab_size=model_config(stack.model.name).vocab_size,
+        chance = chance_reward(resolve_task(stack.task.name), vocab_size=model_config(stack.model.name).vocab_size,
                                max_new_tokens=stack.rollout.max_tokens)
         console.print(f"task {stack.task.name!r}: chance reward {chance:.3f} (uniform random policy)")
     except Exception as e:  # a user task may not support it; not fatal
