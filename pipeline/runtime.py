@@ -151,6 +151,36 @@ class StageContext:
             finally:
                 self.in_flight -= 1
 
+    async def serve(self, puller: WorkPuller, kind: type, handle: Callable[[Any], Awaitable[None]]) -> None:
+        """Run ``handle(msg)`` for every ``kind`` message of a work stream, concurrently (at
+        most the puller's credit at once); returns once drained and every handler finished.
+        A handler that raises is logged and counted; the others go on."""
+        tasks: set[asyncio.Task] = set()
+
+        async def run_one(msg: Any) -> None:
+            try:
+                await handle(msg)
+                self.processed += 1
+            except Exception:
+                self.log.exception("handler failed", tag=type(msg).__name__)
+            finally:
+                self.in_flight -= 1
+
+        while True:
+            try:
+                msg = await puller.recv()
+            except EOFError:
+                break
+            if not isinstance(msg, kind):
+                self.log.warning("unexpected message", tag=type(msg).__name__, expected=kind.__name__)
+                continue
+            self.in_flight += 1
+            task = asyncio.get_running_loop().create_task(run_one(msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+
     async def metrics(self, step: int, values: dict[str, float]) -> None:
         if self._telemetry is not None:
             await self._telemetry.send(Metrics(self.name, step, values))

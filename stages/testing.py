@@ -186,3 +186,16 @@ async def fake_idle(ctx) -> None:
 FAKE_TARGETS = {"source": "stages.testing:fake_source", "rollout": "stages.testing:fake_worker",
                 "reward": "stages.testing:fake_worker", "logprob": "stages.testing:fake_worker",
                 "learner": "stages.testing:fake_sink", "publisher": "stages.testing:fake_idle"}
+
+
+async def wait_until(cond, timeout: float, what: str, poll_s: float = 0.1) -> None:
+    """Poll ``cond()`` until true; AssertionError naming ``what`` after ``timeout`` seconds."""
+    import asyncio
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        await asyncio.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")

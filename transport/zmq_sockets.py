@@ -35,7 +35,6 @@ from transport.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Receiver,
     Sender,
-    log,
 )
 
 HANDSHAKE_RETRY_S = 0.1

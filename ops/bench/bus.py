@@ -17,7 +17,6 @@ interleaved, and the median is reported. Last line:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing as mp
 import statistics
 import time

@@ -7,8 +7,6 @@ anything a rollout or reward function does (see ``stages.reward.scorer``).
 
 from __future__ import annotations
 
-import asyncio
-
 from pipeline.runtime import StageContext
 from schemas.messages import Rollout
 from stages.reward.scorer import RewardConfig, RewardScorer
@@ -24,28 +22,11 @@ async def run(ctx: StageContext) -> None:
                                        sample_timeout_s=s.reward.timeout_s, num_workers=s.reward.workers))
     await scorer.start()
     inbox, out = ctx.work_in("rollouts", credit=GROUPS_IN_FLIGHT), ctx.work_out("scored")
-    tasks: set[asyncio.Task] = set()
 
     async def score_and_send(msg: Rollout) -> None:
-        scored = await scorer.score(msg)
-        await out.send(scored)
-        ctx.processed += 1
-        ctx.in_flight -= 1
+        await out.send(await scorer.score(msg))
 
     try:
-        while True:
-            try:
-                msg = await inbox.recv()
-            except EOFError:
-                break
-            if not isinstance(msg, Rollout):
-                ctx.log.warning("unexpected message", tag=type(msg).__name__)
-                continue
-            ctx.in_flight += 1
-            t = asyncio.get_running_loop().create_task(score_and_send(msg))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
+        await ctx.serve(inbox, Rollout, score_and_send)
     finally:
         await scorer.close()

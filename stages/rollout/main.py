@@ -67,7 +67,6 @@ async def run(ctx: StageContext) -> None:
     out = ctx.work_out("rollouts")
     credit = max(2, s.rollout.max_batch // max(1, s.source.group_size) + 1)
     inbox = ctx.work_in("prompts", credit=credit)
-    tasks: set[asyncio.Task] = set()
 
     async def generate(group: PromptGroup) -> None:
         t0 = time.perf_counter()
@@ -76,24 +75,9 @@ async def run(ctx: StageContext) -> None:
         completions = await engine.generate(f"{group.group_id}/{group.attempt}", group.prompt_ids, params)
         samples = [c.to_sample() for c in completions]
         await out.send(Rollout(group, samples, ctx.name, time.perf_counter() - t0))
-        ctx.processed += 1
-        ctx.in_flight -= 1
 
     try:
-        while True:
-            try:
-                msg = await inbox.recv()
-            except EOFError:
-                break
-            if not isinstance(msg, PromptGroup):
-                ctx.log.warning("unexpected message", tag=type(msg).__name__)
-                continue
-            ctx.in_flight += 1
-            t = asyncio.get_running_loop().create_task(generate(msg))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
+        await ctx.serve(inbox, PromptGroup, generate)
     finally:
         follower.cancel()
         loader.close()

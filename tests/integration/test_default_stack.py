@@ -3,18 +3,17 @@
 Short versions of issue 7's reliability checks; each run takes well under a minute.
 """
 
-import asyncio
 import collections
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.supervisor import Supervisor
 from schemas.stack import load_stack
+from stages.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -38,29 +37,20 @@ def last_step(run_dir: Path) -> int:
     return rows[-1]["step"] if rows else 0
 
 
-async def until(cond, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out: {what}")
-
-
 async def test_kill_rollout_reward_logprob_then_every_group_has_one_terminal_state(tmp_path):
     run_dir = tmp_path / "run"
     sup = Supervisor(small_stack(run_dir), run_dir, shutdown_timeout=20.0)
     killed = []
 
     async def scenario(sup):
-        await until(lambda: last_step(run_dir) >= 3, 120, "first steps")
+        await wait_until(lambda: last_step(run_dir) >= 3, 120, "first steps")
         for name in ("rollout/0", "reward/0", "logprob/0"):
             victim = sup.pids()[name]
             os.kill(victim, signal.SIGKILL)
             killed.append(name)
-            await until(lambda: sup.pids().get(name) not in (None, victim), 60, f"{name} restarted")
+            await wait_until(lambda: sup.pids().get(name) not in (None, victim), 60, f"{name} restarted")
             step = last_step(run_dir)
-            await until(lambda: last_step(run_dir) >= step + 3, 120, f"training after killing {name}")
+            await wait_until(lambda: last_step(run_dir) >= step + 3, 120, f"training after killing {name}")
         sup.stop.set()
 
     assert await sup.run(on_tick=scenario) == 0

@@ -1,6 +1,5 @@
 """Supervisor with fake stages: restart after kill -9, bounded SIGTERM, lossless scaling."""
 
-import asyncio
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ import pytest
 
 from pipeline.supervisor import Supervisor
 from schemas.stack import load_stack
-from stages.testing import FAKE_TARGETS
+from stages.testing import FAKE_TARGETS, wait_until
 
 STACK = """
 [run]
@@ -51,27 +50,18 @@ def alive(pid: int) -> bool:
         return False
 
 
-async def wait_for(cond, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_killed_replica_is_restarted_and_the_stack_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_ITEMS", "0")
     sup = Supervisor(fake_stack(tmp_path, rollout=2), tmp_path / "run", targets=FAKE_TARGETS)
 
     async def scenario(sup):
         run = tmp_path / "run"
-        await wait_for(lambda: len(received(run)) > 20, 60, "first items")
+        await wait_until(lambda: len(received(run)) > 20, 60, "first items")
         victim = sup.pids()["rollout/1"]
         os.kill(victim, signal.SIGKILL)
-        await wait_for(lambda: sup.pids().get("rollout/1") not in (None, victim), 30, "restart")
+        await wait_until(lambda: sup.pids().get("rollout/1") not in (None, victim), 30, "restart")
         before = len(received(run))
-        await wait_for(lambda: len(received(run)) > before + 20, 60, "progress after restart")
+        await wait_until(lambda: len(received(run)) > before + 20, 60, "progress after restart")
         assert sum(len(r.restarts) for r in sup.replicas["rollout"]) == 1
         sup.stop.set()
 
@@ -85,13 +75,13 @@ async def test_scale_up_and_down_under_load_loses_nothing(tmp_path, monkeypatch)
     run = tmp_path / "run"
 
     async def scenario(sup):
-        await wait_for(lambda: len(received(run)) > 20, 60, "first items")
+        await wait_until(lambda: len(received(run)) > 20, 60, "first items")
         await sup.scale("rollout", 3)
-        await wait_for(lambda: sum(r.alive for r in sup.replicas["rollout"]) == 3, 30, "3 replicas")
-        await wait_for(lambda: len(received(run)) > 120, 60, "work on 3 replicas")
+        await wait_until(lambda: sum(r.alive for r in sup.replicas["rollout"]) == 3, 30, "3 replicas")
+        await wait_until(lambda: len(received(run)) > 120, 60, "work on 3 replicas")
         await sup.scale("rollout", 1)
-        await wait_for(lambda: len(sup.replicas["rollout"]) == 1, 30, "scale down to 1")
-        await wait_for(lambda: len(received(run)) >= 300, 90, "every item")
+        await wait_until(lambda: len(sup.replicas["rollout"]) == 1, 30, "scale down to 1")
+        await wait_until(lambda: len(received(run)) >= 300, 90, "every item")
         sup.stop.set()
 
     assert await sup.run(on_tick=scenario) == 0
@@ -107,7 +97,7 @@ def test_sigterm_stops_every_child_within_ten_seconds(tmp_path):
         from pathlib import Path
         from pipeline.supervisor import Supervisor
         from schemas.stack import load_stack
-        from stages.testing import FAKE_TARGETS
+        from stages.testing import FAKE_TARGETS, wait_until
         sup = Supervisor(load_stack({str(tmp_path / 'stack.toml')!r}), Path({str(tmp_path / 'run')!r}),
                          targets=FAKE_TARGETS, shutdown_timeout=8.0)
         async def announce(sup):
@@ -135,7 +125,7 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
         from pathlib import Path
         from pipeline.supervisor import Supervisor
         from schemas.stack import load_stack
-        from stages.testing import FAKE_TARGETS
+        from stages.testing import FAKE_TARGETS, wait_until
         sup = Supervisor(load_stack({str(tmp_path / 'stack.toml')!r}), Path({str(tmp_path / 'run')!r}),
                          targets=FAKE_TARGETS)
         async def announce(sup):

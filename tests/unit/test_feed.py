@@ -1,6 +1,5 @@
 """Learner batch feed: every rank gets rank 0's batch, bit-exact; stop reaches everyone."""
 
-import os
 import socket
 
 import torch.distributed as dist

@@ -1,6 +1,5 @@
 """Weight payloads: bit-exact pack/unpack, refusal of mismatched manifests and digests."""
 
-import numpy as np
 import pytest
 import torch
 
