@@ -13,7 +13,8 @@ Invariants and failure behaviour:
 - Metrics are summed locally over micro-batches and all-reduced once per step.
 - ``version`` counts applied updates; ``step`` counts ``train_step`` calls (skips included).
 - Consumed ids are appended per step to ``consumed.jsonl`` (rank 0) and kept in the
-  checkpoint, so a resumed learner still refuses duplicates.
+  checkpoint with every other terminal id, so a resumed learner still refuses duplicates,
+  and a group dropped as stale is never trained later from another copy.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class Learner:
         self.step = 0
         self.version = 0
         self.consumed: set[str] = set()
+        self.terminal: set[str] = set()
+        """Ids that reached a terminal state (trained, or dropped as stale/failed): any later
+        copy of them (a lease reissue already in flight) is a duplicate, so each issued
+        group ends in exactly one terminal state."""
         self.dropped_counts = {"duplicate": 0, "stale": 0, "failed": 0}
 
     # ------------------------------------------------------------------ admission (rank 0)
@@ -85,17 +90,19 @@ class Learner:
         keep, dropped, seen = [], [], set(in_step)
         for g in groups:
             if isinstance(g, GroupFailed):
-                if g.group_id not in self.consumed:
+                if g.group_id not in self.terminal and g.group_id not in seen:
                     dropped.append(DroppedGroup(g.group_id, f"failed: {g.reason}"))
                     self.dropped_counts["failed"] += 1
+                    self.terminal.add(g.group_id)
                 continue
             gid = g.scored.rollout.group.group_id
-            if gid in self.consumed or gid in seen:
+            if gid in self.terminal or gid in seen:
                 dropped.append(DroppedGroup(gid, "duplicate"))
                 self.dropped_counts["duplicate"] += 1
             elif sample_lag(g, self.version) > self.max_staleness:
                 dropped.append(DroppedGroup(gid, "stale"))
                 self.dropped_counts["stale"] += 1
+                self.terminal.add(gid)
             else:
                 keep.append(g)
                 seen.add(gid)
@@ -174,6 +181,7 @@ class Learner:
             "lr": self.scheduler.get_last_lr()[0], "weight_version": float(self.version),
         }
         self.consumed.update(ids)
+        self.terminal.update(ids)
         if self.rank == 0:
             with open(self.run_dir / CONSUMED_FILE, "a") as f:
                 f.write(json.dumps({"step": self.step, "version": self.version, "skipped": skipped,
@@ -183,7 +191,8 @@ class Learner:
     # ------------------------------------------------------------------ state
     def trainer_state(self) -> dict:
         return {"step": self.step, "version": self.version, "scheduler": self.scheduler.state_dict(),
-                "consumed": sorted(self.consumed), "dropped_counts": self.dropped_counts}
+                "consumed": sorted(self.consumed), "terminal": sorted(self.terminal),
+                "dropped_counts": self.dropped_counts}
 
     def save_checkpoint(self) -> Path:
         return ckpt.save(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
@@ -198,6 +207,7 @@ class Learner:
         self.step, self.version = state["step"], state["version"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.consumed = set(state["consumed"])
+        self.terminal = set(state.get("terminal", state["consumed"]))
         self.dropped_counts = state.get("dropped_counts", self.dropped_counts)
         return True
 

@@ -166,7 +166,8 @@ def _filter():
     keep, dropped = learner.admit([fresh, old_ok, stale, make_train_group("a", version=3),
                                    GroupFailed("d", "reward crashed", "reward/0")])
     learner.train_step(keep)
-    keep2, dropped2 = learner.admit([make_train_group("b", version=3)])
+    keep2, dropped2 = learner.admit([make_train_group("b", version=3), make_train_group("c", version=3),
+                                     GroupFailed("a", "late failure", "logprob/0")])
     return ([g.scored.rollout.group.group_id for g in keep], [(d.group_id, d.reason) for d in dropped],
             keep2, [(d.group_id, d.reason) for d in dropped2], learner.dropped_counts)
 
@@ -175,5 +176,6 @@ def test_duplicate_and_stale_groups_are_dropped_and_counted():
     keep, dropped, keep2, dropped2, counts = run_world(_filter, 1)[0]
     assert keep == ["a", "b"]
     assert dropped == [("c", "stale"), ("a", "duplicate"), ("d", "failed: reward crashed")]
-    assert keep2 == [] and dropped2 == [("b", "duplicate")]
-    assert counts == {"duplicate": 2, "stale": 1, "failed": 1}
+    # A fresh copy of a group dropped as stale is a duplicate, not trained: one terminal state.
+    assert keep2 == [] and dropped2 == [("b", "duplicate"), ("c", "duplicate")]
+    assert counts == {"duplicate": 3, "stale": 1, "failed": 1}
