@@ -270,17 +270,22 @@ class Supervisor:
                 self._spawn(r)
         helpers = [loop.create_task(self._monitor()), loop.create_task(self._telemetry(telemetry)),
                    loop.create_task(self._serve_router(router))]
-        if on_tick is not None:
-            helpers.append(loop.create_task(on_tick(self)))
+        tick = loop.create_task(on_tick(self)) if on_tick is not None else None
+        if tick is not None:  # a failing observer stops the stack and re-raises below
+            tick.add_done_callback(lambda t: t.cancelled() or t.exception() is None or self.stop.set())
         try:
             await self.stop.wait()
         finally:
+            if tick is not None and not tick.done():
+                tick.cancel()
             await self._shutdown()
             for h in helpers:
                 h.cancel()
             for c in (telemetry, router, self.control, *self.brokers.values()):
                 c.close()
             remove_run_slots(run_slot_id(self.stack.run.name, self.run_dir))
+        if tick is not None and tick.done() and not tick.cancelled() and tick.exception() is not None:
+            raise tick.exception()
         if self.failure:
             log.error("stack failed", reason=self.failure)
             return 1
