@@ -81,7 +81,7 @@ class Codec:
         # dtype strings cached, the pool keeps views (joined once per message).
         if type(arr) is not np.ndarray:
             if not isinstance(arr, np.ndarray):
-                raise NotImplementedError(f"cannot encode {type(arr).__name__} on the wire")
+                raise TypeError(f"cannot encode {type(arr).__name__} on the wire")
             arr = np.asarray(arr)
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
@@ -136,7 +136,7 @@ class Codec:
             else:
                 arr = np.frombuffer(ref, dt, count)
             return arr if len(shape) == 1 else arr.reshape(shape)
-        raise NotImplementedError(typ)
+        raise TypeError(f"no decoder for {typ!r}")
 
     def decode_envelope(self, frames: Sequence[Any]) -> Envelope:
         if not frames:

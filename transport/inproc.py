@@ -66,18 +66,24 @@ class InprocPush(Sender):
         pass
 
 
-class InprocPull(Receiver):
-    def __init__(self, address: str, *, sender: str, name: str = "pull", hwm: int = DEFAULT_HWM,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, **_: Any) -> None:
-        super().__init__(name, sender, max_message_bytes)
-        self.address = address
-        self._queue = _hub().queue(address, hwm)
+class _QueueReceiver(Receiver):
+    """Receives encoded frames from ``self._queue``; bad input is skipped (``base``)."""
+
+    _queue: asyncio.Queue
 
     async def recv_envelope(self) -> tuple[Envelope, Message]:
         while True:
             got = self._accept(await self._queue.get())
             if got is not None:
                 return got
+
+
+class InprocPull(_QueueReceiver):
+    def __init__(self, address: str, *, sender: str, name: str = "pull", hwm: int = DEFAULT_HWM,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, **_: Any) -> None:
+        super().__init__(name, sender, max_message_bytes)
+        self.address = address
+        self._queue = _hub().queue(address, hwm)
 
     def close(self) -> None:
         pass
@@ -107,7 +113,7 @@ class InprocPub(Sender):
         _hub().publishers.pop(self.address, None)
 
 
-class InprocSub(Receiver):
+class InprocSub(_QueueReceiver):
     def __init__(self, address: str, sync_address: str = "", *, sender: str, name: str = "sub",
                  topics: Sequence[str] = ("",), hwm: int = 1000,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, **_: Any) -> None:
@@ -130,12 +136,6 @@ class InprocSub(Receiver):
             if self._wanted(tag):
                 self._queue.put_nowait(frames)
         pub.subscribers.append(self)
-
-    async def recv_envelope(self) -> tuple[Envelope, Message]:
-        while True:
-            got = self._accept(await self._queue.get())
-            if got is not None:
-                return got
 
     def close(self) -> None:
         pub = _hub().publishers.get(self.address)

@@ -24,14 +24,14 @@ from schemas.messages import TrainGroup
 def _enc_hook(obj):
     if isinstance(obj, np.ndarray):
         return (obj.dtype.str, obj.shape, np.ascontiguousarray(obj).tobytes())
-    raise NotImplementedError(type(obj))
+    raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
 def _dec_hook(typ, obj):
     if typ is np.ndarray:
         dtype, shape, raw = obj
         return np.frombuffer(raw, np.dtype(dtype)).reshape(shape)
-    raise NotImplementedError(typ)
+    raise TypeError(f"no decoder for {typ!r}")
 
 
 class StepBatch(msgspec.Struct, array_like=True):
