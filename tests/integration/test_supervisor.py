@@ -107,11 +107,15 @@ def test_sigterm_stops_every_child_within_ten_seconds(tmp_path):
         sys.exit(asyncio.run(sup.run(on_tick=announce)))
     """)
     proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True)
-    pids = json.loads(proc.stdout.readline())
-    assert len(pids) == 7 and all(alive(p) for p in pids.values())
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(15) == 0
+    try:
+        pids = json.loads(proc.stdout.readline())
+        assert len(pids) == 7 and all(alive(p) for p in pids.values())
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:  # never leave a stack running behind a failed assertion
+        if proc.poll() is None:
+            proc.kill()
     while any(alive(p) for p in pids.values()) and time.monotonic() - t0 < 10:
         time.sleep(0.1)
     assert not [n for n, p in pids.items() if alive(p)], "children outlived the supervisor"
@@ -135,9 +139,11 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
         asyncio.run(sup.run(on_tick=announce))
     """)
     proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True)
-    pids = json.loads(proc.stdout.readline())
-    proc.kill()  # no chance to clean up: the parent-death signal must do it
-    proc.wait(5)
+    try:
+        pids = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()  # no chance to clean up: the parent-death signal must do it
+        proc.wait(5)
     t0 = time.monotonic()
     while any(alive(p) for p in pids.values()) and time.monotonic() - t0 < 10:
         time.sleep(0.1)
