@@ -6,15 +6,22 @@ the same groups: micro-batches (identical count on all ranks), backward, gradien
 and a collective decision on the gradient norm.
 
 Invariants and failure behaviour:
-- Non-finite gradient norm ⇒ every rank skips (the norm is a global reduction, and the
-  decision is all-reduced again to be sure): no ``optimizer.step`` (so no weight decay, no
-  Adam moment or step-count change), no scheduler step, gradients zeroed; the version does
-  not advance. Parameters, optimizer and scheduler state are bit-identical to before.
-- Metrics are summed locally over micro-batches and all-reduced once per step.
+- Non-finite gradient norm ⇒ every rank skips: no ``optimizer.step`` (so no weight decay,
+  no Adam moment or step-count change), no scheduler step, gradients zeroed; the version
+  does not advance. Parameters, optimizer and scheduler state are bit-identical to before.
+- One collective after all micro-batches carries every rank's metric sums/maxima/minima
+  and its non-finite flag (``all_gather`` of one small vector): metrics are reduced once per
+  step and the skip decision is taken from the same exchange, so ranks cannot disagree.
 - ``version`` counts applied updates; ``step`` counts ``train_step`` calls (skips included).
+  The groups of a skipped step count as consumed (retrying the same data would likely fail
+  the same way); the shell reports them in Progress like any other step.
 - Consumed ids are appended per step to ``consumed.jsonl`` (rank 0) and kept in the
   checkpoint with every other terminal id, so a resumed learner still refuses duplicates,
-  and a group dropped as stale is never trained later from another copy.
+  and a group dropped as stale is never trained later from another copy. ``resume``
+  appends a ``{"resumed": step}`` line: steps logged after that checkpoint were rolled back.
+- Every rank must call ``train_step``/``save_checkpoint``/``resume``/``full_state_dict``
+  with the same arguments in the same order (they are collectives); ``admit`` is rank-0
+  logic and needs no peers.
 """
 
 from __future__ import annotations
@@ -28,17 +35,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from schemas.messages import DroppedGroup, GroupFailed, TrainGroup
+import msgspec
+
+from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainGroup
 from schemas.stack import LearnerSection
 from stages.learner import checkpoint as ckpt
 from stages.learner.batch import rank_micro_batches
-from stages.learner.loss import policy_loss
-from stages.learner.sharding import build_sharded, full_parameters
+from stages.learner.config import LearnerConfig
+from stages.learner.fsdp import build_sharded, full_parameters
+from stages.learner.loss import MAX_METRICS, MIN_METRICS, SUM_METRICS, policy_loss
 from stages.model import is_moe
 
 CONSUMED_FILE = "consumed.jsonl"
-METRIC_KEYS = ("loss", "tokens", "logprob_gap_abs", "is_weight_sum", "is_weight_max", "clipped_tokens", "kl_sum",
-               "aux_loss")
+SUM_KEYS = ("loss", "aux_loss") + SUM_METRICS
+"""Layout of the per-step exchange vector: sums, then maxima, then minima, then the flag."""
+DEFAULT_ROUTER_AUX_COEF = 0.001
+"""Qwen3-MoE's published router load-balancing coefficient, used when a config lacks one."""
 
 
 @dataclass
@@ -49,6 +61,25 @@ class StepResult:
     consumed_ids: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def progress(self, dropped: list[DroppedGroup] | None = None) -> Progress:
+        """The Progress message announcing this step (consumed ids; drops, if any, ride along)."""
+        return Progress(self.step, self.version, list(self.consumed_ids), list(dropped or []))
+
+
+def lr_lambda(cfg: LearnerConfig):
+    """LR multiplier after ``k`` applied updates: linear warm-up, then constant/cosine/linear."""
+    import math
+
+    def factor(k: int) -> float:
+        if cfg.warmup_steps > 0 and k < cfg.warmup_steps:
+            return (k + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        done = min(1.0, (k - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * done)) if cfg.schedule == "cosine" else 1.0 - done
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+    return factor
+
 
 def sample_lag(group: TrainGroup, version: int) -> int:
     """Learner version minus the oldest weight version among the group's tokens."""
@@ -58,21 +89,35 @@ def sample_lag(group: TrainGroup, version: int) -> int:
 
 
 class Learner:
-    def __init__(self, cfg: LearnerSection, *, model_name: str, run_dir: Path, max_staleness: int, seed: int = 0,
-                 device: str | torch.device = "cpu") -> None:
-        self.cfg = cfg
+    """One rank of the learner. Requires an initialised ``torch.distributed`` group (gloo on
+    CPU, NCCL on CUDA); build it on every rank with the same config."""
+
+    def __init__(self, cfg: LearnerConfig | LearnerSection, *, model_name: str | None = None,
+                 run_dir: str | Path | None = None, max_staleness: int | None = None, seed: int | None = None,
+                 device: str | torch.device | None = None) -> None:
+        if isinstance(cfg, LearnerSection):
+            cfg = LearnerConfig.from_section(cfg, model=model_name or "tiny", run_dir=str(run_dir or "."),
+                                             max_staleness=2 if max_staleness is None else max_staleness,
+                                             seed=seed or 0, device=None if device is None else str(device))
+        else:
+            overrides = {k: v for k, v in dict(model=model_name, run_dir=None if run_dir is None else str(run_dir),
+                                                max_staleness=max_staleness, seed=seed,
+                                                device=None if device is None else str(device)).items()
+                         if v is not None}
+            cfg = msgspec.structs.replace(cfg, **overrides)
+        self.cfg = cfg.validate()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device(device)
-        self.run_dir = Path(run_dir)
-        self.max_staleness = max_staleness
-        self.model = build_sharded(model_name, device=self.device, seed=seed,
+        self.device = torch.device(cfg.device)
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.max_staleness = cfg.max_staleness
+        self.model = build_sharded(cfg.model, device=self.device, seed=cfg.seed,
+                                   mixed_precision=cfg.mixed_precision,
                                    activation_checkpointing=cfg.activation_checkpointing)
         self.moe = is_moe(self.model.config)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=(0.9, 0.999), eps=1e-8)
-        warmup = cfg.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup > 0 else 1.0)
+                                           betas=tuple(cfg.betas), eps=cfg.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
         self.version = 0
         self.consumed: set[str] = set()
@@ -118,25 +163,26 @@ class Learner:
 
     # ------------------------------------------------------------------ training (all ranks)
     def train_step(self, groups: list[TrainGroup], *, corrupt_grads: bool = False) -> StepResult:
-        """One optimizer step on ``groups`` (identical on every rank). ``corrupt_grads``
-        writes NaN into this rank's gradients (fault injection for tests)."""
+        """One optimizer step on ``groups`` (identical on every rank; collective). ``corrupt_grads``
+        writes NaN into this rank's gradient shards (fault injection for tests)."""
         cfg = self.cfg
         mbs = rank_micro_batches(groups, aggregation=cfg.aggregation, budget=cfg.micro_batch_tokens,
                                  rank=self.rank, world=self.world, device=self.device)
-        sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        records: list[dict[str, torch.Tensor]] = []  # per micro-batch, read after the loop (no per-mb sync)
         for mb in mbs:
             # use_cache=False: a KV cache growing during the forward would make activation
             # checkpointing's recompute see different shapes.
             extra = {"output_router_logits": True} if self.moe else {}
             out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, **extra)
-            logits = out.logits[:, :-1].float()
-            logp = torch.log_softmax(logits, -1).gather(-1, mb.targets[..., None])[..., 0]
-            m = mb.weight > 0
-            loss, met = policy_loss(logp[m], mb.behaviour[m], mb.adv[m], mb.weight[m], kind=cfg.loss,
-                                    clip_eps=cfg.clip_eps, tis_cap=cfg.tis_cap,
-                                    ref_logp=mb.ref[m] if mb.ref is not None else None, kl_coef=cfg.kl_coef)
+            logp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, mb.targets[..., None])[..., 0]
+            live = mb.weight > 0
+            loss, met = policy_loss(logp[live], mb.behaviour[live], mb.adv[live], mb.weight[live], kind=cfg.loss,
+                                    clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+                                    tis_cap=cfg.tis_cap, ref_logp=mb.ref[live] if mb.ref is not None else None,
+                                    kl_coef=cfg.kl_coef)
             if self.moe and getattr(out, "aux_loss", None) is not None:
-                coef = getattr(self.model.config, "router_aux_loss_coef", 0.001)
+                # Router load balancing only exists for MoE; averaged over the step's micro-batches.
+                coef = getattr(self.model.config, "router_aux_loss_coef", DEFAULT_ROUTER_AUX_COEF)
                 aux = out.aux_loss * coef / len(mbs)
                 loss = loss + aux
                 met["aux_loss"] = aux.detach()
@@ -144,39 +190,48 @@ class Learner:
             # ranks, so scale by the world size to get the sum.
             (loss * self.world).backward()
             met["loss"] = loss.detach()
-            for i, k in enumerate(METRIC_KEYS):
-                if k in met:
-                    v = met[k].double()
-                    sums[i] = torch.maximum(sums[i], v) if k == "is_weight_max" else sums[i] + v
+            records.append(met)
+        sums = {k: sum(float(r[k]) for r in records if k in r) for k in SUM_KEYS}
+        maxes = {k: max(float(r[k]) for r in records) for k in MAX_METRICS}
+        mins = {k: min(float(r[k]) for r in records) for k in MIN_METRICS}
         if corrupt_grads:
             for p in self.model.parameters():
                 if p.grad is not None:
-                    p.grad.to_local().fill_(float("nan")) if hasattr(p.grad, "to_local") else p.grad.fill_(float("nan"))
+                    (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).fill_(float("nan"))
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        bad = torch.tensor([0.0 if torch.isfinite(norm) else 1.0])
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        skipped = bool(bad.item())
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        # The single per-step exchange: metrics of every rank plus its verdict on the norm.
+        mine = torch.tensor([*sums.values(), *maxes.values(), *mins.values(),
+                             0.0 if np.isfinite(norm) else 1.0], dtype=torch.float64)
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine)
+        table = torch.stack(gathered)
+        n_sum, n_max = len(sums), len(maxes)
+        total = dict(zip(SUM_KEYS, table[:, :n_sum].sum(0).tolist()))
+        total.update(zip(MAX_METRICS, table[:, n_sum:n_sum + n_max].max(0).values.tolist()))
+        total.update(zip(MIN_METRICS, table[:, n_sum + n_max:-1].min(0).values.tolist()))
+        skipped = bool(table[:, -1].max() > 0)
         if not skipped:
             self.optimizer.step()
             self.scheduler.step()
             self.version += 1
+        # Skipped or not, gradients are dropped: nothing of a rejected step survives.
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        maxes = sums[METRIC_KEYS.index("is_weight_max")].clone()
-        dist.all_reduce(sums)  # once per step, after every micro-batch
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-        vals = dict(zip(METRIC_KEYS, sums.tolist()))
-        tokens = max(vals["tokens"], 1.0)
+        tokens = max(total["tokens"], 1.0)
         ids = [g.scored.rollout.group.group_id for g in groups]
         rewards = np.concatenate([g.scored.rewards for g in groups]) if groups else np.zeros(0)
-        lags = [sample_lag(g, self.version - (0 if skipped else 1)) for g in groups]
+        trained_at = self.version - (0 if skipped else 1)
+        lags = [sample_lag(g, trained_at) for g in groups]
         metrics = {
-            "loss": vals["loss"], "grad_norm": float(norm), "skipped": float(skipped), "tokens": vals["tokens"],
-            "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-            "logprob_gap_mean": vals["logprob_gap_abs"] / tokens, "is_weight_mean": vals["is_weight_sum"] / tokens,
-            "is_weight_max": float(maxes.item()), "is_clipped_frac": vals["clipped_tokens"] / tokens,
-            "kl_mean": vals["kl_sum"] / tokens, "aux_loss": vals["aux_loss"],
+            "loss": total["loss"], "aux_loss": total["aux_loss"], "grad_norm": norm, "skipped": float(skipped),
+            "tokens": total["tokens"], "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+            "logprob_gap_mean": total["logprob_gap_abs_sum"] / tokens,
+            "logprob_gap_max": total["logprob_gap_abs_max"],
+            "is_weight_mean": total["is_weight_sum"] / tokens, "is_weight_max": total["is_weight_max"],
+            "is_weight_min": total["is_weight_min"] if np.isfinite(total["is_weight_min"]) else 0.0,
+            "is_truncated_frac": total["is_truncated_tokens"] / tokens,
+            "is_clipped_frac": total["clipped_tokens"] / tokens, "kl_mean": total["kl_sum"] / tokens,
             "staleness_mean": float(np.mean(lags)) if lags else 0.0, "staleness_max": float(max(lags, default=0)),
             "lr": self.scheduler.get_last_lr()[0], "weight_version": float(self.version),
         }
@@ -195,11 +250,12 @@ class Learner:
                 "dropped_counts": self.dropped_counts}
 
     def save_checkpoint(self) -> Path:
+        """Collective DCP save of model, optimizer, scheduler, step, version, consumed ids."""
         return ckpt.save(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
-                         self.trainer_state(), self.cfg.keep_checkpoints)
+                         self.trainer_state(), self.cfg.keep_last)
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint if there is one (collective)."""
+        """Load the newest complete checkpoint if there is one (collective); False if none."""
         path = ckpt.latest_complete(self.run_dir / "checkpoints")
         if path is None:
             return False
@@ -209,8 +265,15 @@ class Learner:
         self.consumed = set(state["consumed"])
         self.terminal = set(state.get("terminal", state["consumed"]))
         self.dropped_counts = state.get("dropped_counts", self.dropped_counts)
+        if self.rank == 0:
+            with open(self.run_dir / CONSUMED_FILE, "a") as f:
+                f.write(json.dumps({"resumed": self.step, "version": self.version, "time": time.time()}) + "\n")
         return True
 
-    def full_parameters(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Collective; rank 0 gets the full parameters for the publisher."""
+    def full_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Collective; rank 0 gets every parameter, full and on CPU in ``dtype``, for the
+        publisher; other ranks get {}."""
         return full_parameters(self.model, dtype)
+
+    full_parameters = full_state_dict
+    """Name used by the stage shell (``main.py``)."""

@@ -1,19 +1,29 @@
-"""Learner on FSDP2 (gloo, CPU): W=2 ≡ W=1, true no-op skips, exact resume, MoE, filtering."""
+"""Learner on FSDP2 (gloo, CPU): W=2 ≡ W=1, true no-op skips, exact resume, meta init, MoE
+with activation checkpointing, admission (duplicates, staleness, failures).
+
+Spawning a rank costs seconds of imports on a 2-core CI machine, so the multi-rank checks
+share two spawned 2-rank worlds (module-scoped fixtures) and the single-rank checks run
+in this process on a 1-rank gloo group.
+"""
 
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+import torch.distributed as dist
 
 from schemas.messages import GroupFailed
-from schemas.stack import LearnerSection
 from stages.learner import checkpoint as ckpt
-from stages.learner.trainer import Learner
+from stages.learner.config import LearnerConfig
+from stages.learner.trainer import CONSUMED_FILE, Learner
 from stages.model import build_model
-from stages.testing import make_train_group, run_world
+from stages.testing import free_port, make_train_group, run_world
 
-CFG = LearnerSection(lr=1e-2, micro_batch_tokens=256, weight_decay=0.1, warmup_steps=2)
+CFG = LearnerConfig(lr=1e-2, micro_batch_tokens=256, weight_decay=0.1, warmup_steps=2, max_staleness=2)
+RANK_THREADS = 1
+"""Two ranks on two shared cores: one compute thread each avoids oversubscription."""
 
 
 def batch(step, n_groups=4):
@@ -23,159 +33,179 @@ def batch(step, n_groups=4):
 
 def params(learner):
     """Full parameters as numpy (tensors do not survive a spawned rank's exit)."""
-    return {n: t.numpy().copy() for n, t in learner.full_parameters().items()}
+    return {n: t.numpy().copy() for n, t in learner.full_state_dict().items()}
 
 
-def _train(run_dir, steps, model="tiny", cfg=CFG):
-    learner = Learner(cfg, model_name=model, run_dir=Path(run_dir), max_staleness=2)
-    losses = [learner.train_step(batch(s)).metrics["loss"] for s in range(steps)]
-    return params(learner), losses
+def local_state(learner):
+    """This rank's parameter shards, AdamW moments and step counts, scheduler state (copies)."""
+    shards = {n: p.to_local().clone() for n, p in learner.model.named_parameters()}
+    opt = [(v["step"].clone(), v["exp_avg"].to_local().clone(), v["exp_avg_sq"].to_local().clone())
+           for v in learner.optimizer.state.values()]
+    return shards, opt, learner.scheduler.state_dict(), learner.version
 
 
-def test_two_ranks_equal_one_rank():
-    with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
-        [p1] = [r[0] for r in run_world(_train, 1, d1, 2)]
-        p2 = run_world(_train, 2, d2, 2)[0][0]
+def same_state(a, b):
+    return (a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+            and len(a[1]) == len(b[1]) and all(torch.equal(x, y) for s, t in zip(a[1], b[1]) for x, y in zip(s, t))
+            and a[2] == b[2] and a[3] == b[3])
+
+
+def _first_world(run_dir):
+    """Rank body: meta-init check, 2 steps (vs W=1), checkpoint at 3, 6 steps, NaN skip."""
+    torch.set_num_threads(RANK_THREADS)
+    learner = Learner(CFG, run_dir=run_dir)
+    out = {"init": params(learner)}
+    rot = [m for m in learner.model.modules() if hasattr(m, "inv_freq")][0]
+    out["inv_freq"] = rot.inv_freq.cpu().numpy().copy()
+    for s in range(6):
+        learner.train_step(batch(s))
+        if s == 1:
+            out["after_2"] = params(learner)
+        if s == 2:
+            learner.save_checkpoint()  # reads state only: the straight run goes on unchanged
+    out["after_6"], out["version_6"], out["consumed_6"] = params(learner), learner.version, sorted(learner.consumed)
+    before = local_state(learner)
+    skipped = learner.train_step(batch(6), corrupt_grads=dist.get_rank() == 1)
+    out["skip"] = (skipped.skipped, skipped.metrics["skipped"], same_state(before, local_state(learner)))
+    out["after_skip_step"] = learner.train_step(batch(7)).skipped
+    return out
+
+
+def _second_world(run_dir):
+    """Rank body: a fresh process resumes the step-3 checkpoint and trains 3 steps; then
+    the MoE model trains 3 steps with activation checkpointing."""
+    torch.set_num_threads(RANK_THREADS)
+    learner = Learner(CFG, run_dir=run_dir)
+    assert learner.resume() and learner.step == 3 and learner.version == 3
+    for s in range(3, 6):
+        learner.train_step(batch(s))
+    out = {"after_6": params(learner), "version_6": learner.version, "consumed_6": sorted(learner.consumed)}
+    moe_cfg = LearnerConfig(model="tiny-moe", lr=1e-3, micro_batch_tokens=128, activation_checkpointing=True,
+                            run_dir=str(Path(run_dir) / "moe"))
+    moe = Learner(moe_cfg)
+    out["moe"] = [(r.metrics["loss"], r.metrics["aux_loss"], r.skipped)
+                  for r in (moe.train_step(batch(s)) for s in range(3))]
+    return out
+
+
+@pytest.fixture(scope="module")
+def worlds():
+    with tempfile.TemporaryDirectory() as d:
+        first = run_world(_first_world, 2, d, timeout=240)
+        second = run_world(_second_world, 2, d, timeout=240)
+        yield first, second
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A 1-rank gloo group in this process (torn down after the module)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_rank(worlds, one_rank, tmp_path):
+    learner = Learner(CFG, run_dir=tmp_path)
+    for s in range(2):
+        learner.train_step(batch(s))
+    p1, p2 = params(learner), worlds[0][0]["after_2"]
     assert p1.keys() == p2.keys()
     diff = max(float(np.abs(p1[k] - p2[k]).max()) for k in p1)
     assert diff <= 1e-5, diff
 
 
-def _skip(run_dir):
-    learner = Learner(CFG, model_name="tiny", run_dir=Path(run_dir), max_staleness=2)
-    learner.train_step(batch(0))
-    local = lambda: {n: p.to_local().clone() for n, p in learner.model.named_parameters()}  # noqa: E731
-    before = local()
-    opt_before = {k: (v["step"].clone(), v["exp_avg"].to_local().clone(), v["exp_avg_sq"].to_local().clone())
-                  for k, v in learner.optimizer.state.items()}
-    sched_before = learner.scheduler.state_dict()
-    version = learner.version
-    result = learner.train_step(batch(1), corrupt_grads=torch.distributed.get_rank() == 1)
-    after = local()
-    same_params = all(torch.equal(before[n], after[n]) for n in before)
-    same_opt = all(torch.equal(a[0], v["step"]) and torch.equal(a[1], v["exp_avg"].to_local())
-                   and torch.equal(a[2], v["exp_avg_sq"].to_local())
-                   for a, v in zip(opt_before.values(), learner.optimizer.state.values()))
-    ok_next = learner.train_step(batch(2))
-    return (result.skipped, same_params, same_opt, sched_before == learner.scheduler.state_dict() or None,
-            result.version == version, ok_next.skipped)
+def test_meta_init_and_broadcast_equal_a_normal_load(worlds):
+    ref = build_model("tiny", seed=0)
+    got = worlds[0][0]["init"]
+    assert got.keys() == dict(ref.named_parameters()).keys()
+    for n, p in ref.named_parameters():
+        assert np.array_equal(got[n], p.detach().numpy()), n
+    ref_rot = [m for m in ref.modules() if hasattr(m, "inv_freq")][0]
+    for rank_out in worlds[0]:  # non-persistent rotary buffers restored on every rank
+        assert np.array_equal(rank_out["inv_freq"], ref_rot.inv_freq.numpy())
 
 
-def test_nan_on_one_rank_skips_everywhere_as_a_true_no_op():
-    with tempfile.TemporaryDirectory() as d:
-        results = run_world(_skip, 2, d, timeout=180)
-    for skipped, same_params, same_opt, _, same_version, next_skipped in results:
-        assert skipped and same_params and same_opt and same_version
-        assert not next_skipped  # training goes on afterwards
+def test_nan_on_one_rank_skips_everywhere_as_a_true_no_op(worlds):
+    for rank_out in worlds[0]:
+        skipped, flagged, unchanged = rank_out["skip"]
+        assert skipped and flagged == 1.0
+        assert unchanged, "params, AdamW moments/steps, scheduler or version moved on a skipped step"
+        assert rank_out["after_skip_step"] is False  # training goes on afterwards
 
 
-def _sched_after_skip(run_dir):
-    learner = Learner(CFG, model_name="tiny", run_dir=Path(run_dir), max_staleness=2)
+def test_six_steps_equal_three_plus_crash_resume_three(worlds):
+    straight, resumed = worlds[0][0], worlds[1][0]
+    assert straight["version_6"] == resumed["version_6"] == 6
+    assert straight["consumed_6"] == resumed["consumed_6"]
+    for k in straight["after_6"]:
+        assert np.array_equal(straight["after_6"][k], resumed["after_6"][k]), k
+
+
+def test_moe_trains_three_steps_with_activation_checkpointing(worlds):
+    for rank_out in worlds[1]:
+        for loss, aux, skipped in rank_out["moe"]:
+            assert np.isfinite(loss) and aux > 0 and not skipped
+
+
+def test_skip_leaves_lr_schedule_unchanged(one_rank, tmp_path):
+    learner = Learner(CFG, run_dir=tmp_path)
     before = learner.scheduler.state_dict()
-    learner.train_step(batch(0), corrupt_grads=True)
-    return before == learner.scheduler.state_dict(), learner.scheduler.get_last_lr()
+    result = learner.train_step(batch(0), corrupt_grads=True)
+    assert result.skipped and result.version == 0 and result.step == 1
+    assert before == learner.scheduler.state_dict() and learner.scheduler.get_last_lr() == [CFG.lr / CFG.warmup_steps]
+    assert not learner.optimizer.state  # AdamW never stepped: no moments, no step count
 
 
-def test_skip_leaves_lr_schedule_unchanged():
-    with tempfile.TemporaryDirectory() as d:
-        [(same, lr)] = run_world(_sched_after_skip, 1, d)
-    assert same and lr == [CFG.lr / CFG.warmup_steps]
-
-
-def _resume_run(run_dir, phase):
-    learner = Learner(CFG, model_name="tiny", run_dir=Path(run_dir), max_staleness=2)
-    if phase == "straight":
-        for s in range(6):
-            learner.train_step(batch(s))
-    elif phase == "first":
-        for s in range(3):
-            learner.train_step(batch(s))
-        learner.save_checkpoint()
-        return None  # the process ends here: a crash loses everything not checkpointed
-    else:
-        assert learner.resume()
-        assert learner.step == 3
-        for s in range(3, 6):
-            learner.train_step(batch(s))
-    return params(learner), learner.version, sorted(learner.consumed)
-
-
-def test_six_steps_equal_three_plus_crash_resume_three():
-    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-        straight = run_world(_resume_run, 2, a, "straight")[0]
-        run_world(_resume_run, 2, b, "first")
-        resumed = run_world(_resume_run, 2, b, "second")[0]
-    assert straight[1] == resumed[1] == 6 and straight[2] == resumed[2]
-    for k in straight[0]:
-        assert np.array_equal(straight[0][k], resumed[0][k]), k
-
-
-def _incomplete(run_dir):
-    learner = Learner(CFG, model_name="tiny", run_dir=Path(run_dir), max_staleness=2)
+def test_checkpoint_without_marker_is_ignored(one_rank, tmp_path):
+    learner = Learner(CFG, run_dir=tmp_path)
     learner.train_step(batch(0))
     first = learner.save_checkpoint()
     learner.train_step(batch(1))
     second = learner.save_checkpoint()
-    if torch.distributed.get_rank() == 0:
-        (second / ckpt.MARKER).unlink()  # as if the crash came before the marker
-    torch.distributed.barrier()
-    fresh = Learner(CFG, model_name="tiny", run_dir=Path(run_dir), max_staleness=2)
-    fresh.resume()
-    return ckpt.latest_complete(Path(run_dir) / "checkpoints") == first, fresh.step
+    (second / ckpt.MARKER).unlink()  # as if the crash came before the marker
+    fresh = Learner(CFG, run_dir=tmp_path)
+    assert fresh.resume()
+    assert ckpt.latest_complete(tmp_path / "checkpoints") == first and fresh.step == 1
+    assert fresh.consumed == {g.scored.rollout.group.group_id for g in batch(0)}
+    assert '"resumed": 1' in (tmp_path / CONSUMED_FILE).read_text().splitlines()[-1]
 
 
-def test_checkpoint_without_marker_is_ignored():
-    with tempfile.TemporaryDirectory() as d:
-        [(picked_first, step)] = run_world(_incomplete, 1, d)
-    assert picked_first and step == 1
+def test_keep_last_prunes_old_complete_checkpoints(one_rank, tmp_path):
+    learner = Learner(CFG, run_dir=tmp_path, max_staleness=2)
+    for s in range(4):
+        learner.train_step(batch(s))
+        learner.save_checkpoint()
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == ["step-000003", "step-000004"]  # CFG.keep_last == 2
 
 
-def _meta_init():
-    learner = Learner(CFG, model_name="tiny", run_dir=Path(tempfile.mkdtemp()), max_staleness=2)
-    got = params(learner)
-    ref = build_model("tiny", seed=0)
-    same = all(np.array_equal(got[n], p.detach().numpy()) for n, p in ref.named_parameters()) if got else True
-    rot = [m for m in learner.model.modules() if hasattr(m, "inv_freq")][0]
-    ref_rot = [m for m in ref.modules() if hasattr(m, "inv_freq")][0]
-    return same, torch.equal(rot.inv_freq.cpu(), ref_rot.inv_freq)
-
-
-def test_meta_init_and_broadcast_equal_a_normal_load():
-    for same, rotary in run_world(_meta_init, 2):
-        assert same and rotary
-
-
-def _moe():
-    cfg = LearnerSection(lr=1e-3, micro_batch_tokens=128, activation_checkpointing=True)
-    learner = Learner(cfg, model_name="tiny-moe", run_dir=Path(tempfile.mkdtemp()), max_staleness=2)
-    out = [learner.train_step(batch(s)) for s in range(3)]
-    return [(r.metrics["loss"], r.metrics["aux_loss"], r.skipped) for r in out]
-
-
-def test_moe_trains_three_steps_with_activation_checkpointing():
-    for loss, aux, skipped in run_world(_moe, 2)[0]:
-        assert np.isfinite(loss) and aux > 0 and not skipped
-
-
-def _filter():
-    learner = Learner(CFG, model_name="tiny", run_dir=Path(tempfile.mkdtemp()), max_staleness=1)
+def test_duplicate_and_stale_groups_are_dropped_and_counted(one_rank, tmp_path):
+    learner = Learner(CFG, run_dir=tmp_path, max_staleness=1)
     learner.version = 3
     fresh = make_train_group("a", version=3)
     old_ok = make_train_group("b", version=2)
     stale = make_train_group("c", version=1)
     keep, dropped = learner.admit([fresh, old_ok, stale, make_train_group("a", version=3),
                                    GroupFailed("d", "reward crashed", "reward/0")])
-    learner.train_step(keep)
+    assert [g.scored.rollout.group.group_id for g in keep] == ["a", "b"]
+    assert [(d.group_id, d.reason) for d in dropped] == [("c", "stale"), ("a", "duplicate"),
+                                                         ("d", "failed: reward crashed")]
+    result = learner.train_step(keep)
+    progress = result.progress()
+    assert progress.consumed_ids == ["a", "b"] and progress.version == result.version == 4
+    # Already trained, a fresh copy of a group dropped as stale, a late failure of a trained
+    # one: each group has exactly one terminal state, so all are duplicates or ignored.
     keep2, dropped2 = learner.admit([make_train_group("b", version=3), make_train_group("c", version=3),
                                      GroupFailed("a", "late failure", "logprob/0")])
-    return ([g.scored.rollout.group.group_id for g in keep], [(d.group_id, d.reason) for d in dropped],
-            keep2, [(d.group_id, d.reason) for d in dropped2], learner.dropped_counts)
+    assert keep2 == [] and [(d.group_id, d.reason) for d in dropped2] == [("b", "duplicate"), ("c", "duplicate")]
+    assert learner.dropped_counts == {"duplicate": 3, "stale": 1, "failed": 1}
+    assert '"consumed": ["a", "b"]' in (tmp_path / CONSUMED_FILE).read_text()
 
 
-def test_duplicate_and_stale_groups_are_dropped_and_counted():
-    keep, dropped, keep2, dropped2, counts = run_world(_filter, 1)[0]
-    assert keep == ["a", "b"]
-    assert dropped == [("c", "stale"), ("a", "duplicate"), ("d", "failed: reward crashed")]
-    # A fresh copy of a group dropped as stale is a duplicate, not trained: one terminal state.
-    assert keep2 == [] and dropped2 == [("b", "duplicate"), ("c", "duplicate")]
-    assert counts == {"duplicate": 3, "stale": 1, "failed": 1}
+def test_step_metrics_report_mismatch_and_importance_weights(one_rank, tmp_path):
+    learner = Learner(CFG, run_dir=tmp_path)
+    m = learner.train_step(batch(0)).metrics
+    assert m["tokens"] == sum(len(s.token_ids) for g in batch(0) for s in g.scored.rollout.samples)
+    assert m["logprob_gap_mean"] > 0 and m["logprob_gap_max"] >= m["logprob_gap_mean"]
+    assert 0 < m["is_weight_min"] <= m["is_weight_mean"] <= m["is_weight_max"]
+    assert 0 <= m["is_truncated_frac"] <= 1 and np.isfinite(m["grad_norm"]) and m["skipped"] == 0

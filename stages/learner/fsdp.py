@@ -11,10 +11,22 @@ Invariants:
   reduction (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); on CPU
   everything is fp32 (no silent pure-bf16 anywhere).
 - The result equals ``build_model(name, seed=seed)`` loaded normally (tested).
-- Activation checkpointing wraps each decoder layer (non-reentrant). MoE layers then need a
-  deterministic graph across recompute; Qwen3-MoE's HF block loops over experts that
-  received tokens, a data-dependent tensor count that recompute can change when routing
-  flips; ``deterministic_moe`` replaces that loop with one over all experts.
+- Activation checkpointing wraps each decoder layer (non-reentrant, default determinism
+  check kept on). MoE layers then need a graph that does not depend on routing: the HF
+  Qwen3-MoE experts loop over experts that received tokens (a data-dependent number of
+  saved tensors, with data-dependent shapes), which recompute can change when a routing
+  tie flips (bf16, non-deterministic kernels) and then fails with a tensor-count mismatch.
+  ``deterministic_moe`` replaces that block with a dense one: every expert runs on every
+  token, weighted by the (mostly zero) routing weight. Same output as the sparse loop, a
+  graph fixed by shapes alone; the price is E/k times the expert FLOPs, acceptable for the
+  small MoE configs trained here and documented for large ones (a grouped-GEMM block
+  with fixed N·k rows is the scalable alternative).
+- The inference-only variant (``build_inference``) has frozen parameters and no
+  optimizer: it is what the logprob stage holds.
+
+Failure behaviour: everything here is collective; a rank that fails to build leaves the
+others blocked in the broadcast until the process group times out, so the shell must
+treat a learner rank's death as the whole group's (the supervisor restarts the group).
 """
 
 from __future__ import annotations
@@ -75,28 +87,51 @@ def _checkpointed(fwd):
     return run
 
 
-def build_sharded(name: str, *, device: torch.device, seed: int = 0, mixed_precision: bool | None = None,
-                  activation_checkpointing: bool = False) -> transformers.PreTrainedModel:
-    """The FSDP2-sharded training model (requires an initialised process group)."""
+def _mp_policy(device: torch.device, mixed_precision: bool | None) -> MixedPrecisionPolicy:
+    use_mp = device.type == "cuda" if mixed_precision is None else mixed_precision
+    if use_mp:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+
+
+def _shard_and_load(name: str, *, device: torch.device, seed: int, mixed_precision: bool | None,
+                    activation_checkpointing: bool, reshard_after_forward: bool) -> transformers.PreTrainedModel:
     config = model_config(name)
-    world = dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if is_moe(config):
         deterministic_moe(model)
     if activation_checkpointing:
         checkpoint_layers(model)
-    use_mp = device.type == "cuda" if mixed_precision is None else mixed_precision
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_mp else MixedPrecisionPolicy()
+    mp = _mp_policy(device, mixed_precision)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     model.to_empty(device=device)
+    # The full state exists on rank 0 only (one disk/initialisation read per job); the
+    # other ranks receive their shards by broadcast.
     full = build_model(name, seed=seed).state_dict() if dist.get_rank() == 0 else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     _restore_rotary(model, device)
-    return model.train()
+    return model
+
+
+def build_sharded(name: str, *, device: torch.device, seed: int = 0, mixed_precision: bool | None = None,
+                  activation_checkpointing: bool = False) -> transformers.PreTrainedModel:
+    """The FSDP2-sharded training model in train mode (requires an initialised process group)."""
+    return _shard_and_load(name, device=device, seed=seed, mixed_precision=mixed_precision,
+                           activation_checkpointing=activation_checkpointing, reshard_after_forward=True).train()
+
+
+def build_inference(name: str, *, device: torch.device, seed: int = 0,
+                    mixed_precision: bool | None = None) -> transformers.PreTrainedModel:
+    """Inference-only variant for the logprob stage: same sharding and load path, eval mode,
+    parameters frozen (no gradients, no optimizer state ever exists for it). Call it
+    under ``torch.inference_mode()``; every rank must run the same forwards (collectives)."""
+    model = _shard_and_load(name, device=device, seed=seed, mixed_precision=mixed_precision,
+                            activation_checkpointing=False, reshard_after_forward=True)
+    return model.eval().requires_grad_(False)
 
 
 def full_parameters(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
