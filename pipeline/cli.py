@@ -7,31 +7,30 @@
     pipeline replay FILE --into STAGE [--stack FILE]    run one stage alone on a recording
 
 Exit codes: 0 success, 1 the stack failed (reason printed), 2 bad input (stack file,
-arguments, no running stack).
+arguments, no running stack or no answer from it). ``up`` prints the live view
+(``pipeline.view``) to stdout; the supervisor's own log goes to ``<run>/logs/``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
-import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
 import transport
 from pipeline import endpoints as ep
+from pipeline.view import status_view, summary_line
 from schemas.messages import ScaleRequest, StatusReply, StatusRequest
 from schemas.stack import Stack, StackError, load_stack
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console()
-VIEW_REFRESH_S = 0.5
-PLAIN_EVERY_S = 5.0
-"""Without a terminal (CI, logs) print one status line every 5 s instead of a live table."""
+STATUS_TIMEOUT_S = 5.0
+"""A live supervisor answers a status request at once; silence this long means none runs."""
+SCALE_TIMEOUT_S = 60.0
+"""Scaling down waits (bounded, ``supervisor.SCALE_REPLY_WAIT_S``) for drained replicas to exit."""
 
 
 def _load(path: Path) -> Stack:
@@ -40,17 +39,6 @@ def _load(path: Path) -> Stack:
     except StackError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2)
-
-
-def status_table(st: StatusReply, title: str = "") -> Table:
-    t = Table(title=title or None, expand=False)
-    for col in ("stage", "replicas", "alive", "restarts", "queue", "processed"):
-        t.add_column(col, justify="right" if col != "stage" else "left")
-    for s in st.stages:
-        t.add_row(s.stage, str(s.replicas), str(s.alive), str(s.restarts), str(s.queue_depth), str(s.processed))
-    t.caption = (f"step {st.step}  reward {st.reward_mean:.3f}  samples/s {st.samples_per_s:.1f}  "
-                 f"weights v{st.weight_version}  staleness {st.staleness_mean:.2f}")
-    return t
 
 
 @app.command()
@@ -62,15 +50,31 @@ def check(file: Path) -> None:
                   f"logprob×{s.logprob.replicas}, learner×{s.learner.world_size}, max_staleness {s.run.max_staleness}")
 
 
+def _parse_stage_impls(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        kind, sep, target = item.partition("=")
+        if not sep or ":" not in target:
+            console.print(f"[red]error:[/red] --stage-impl {item!r}: expected KIND=module:function")
+            raise typer.Exit(2)
+        out[kind] = target
+    return out
+
+
 @app.command()
 def up(file: Path, max_steps: int = typer.Option(None, help="stop cleanly after this many learner steps"),
-       run_dir: Path = typer.Option(None, help="run directory (default: the stack's run.dir)")) -> None:
+       run_dir: Path = typer.Option(None, help="run directory (default: the stack's run.dir)"),
+       shutdown_timeout: float = typer.Option(10.0, help="seconds Ctrl-C/SIGTERM may take: drain, then kill"),
+       stage_impl: list[str] = typer.Option([], hidden=True,
+                                            help="KIND=module:function runs that coroutine for a stage (tests)")) -> None:
     """Run a stack until interrupted (or --max-steps), with a live view."""
     from pipeline.plot import write_reward_plot
     from pipeline.supervisor import Supervisor
+    from pipeline.view import watch
     from stages.tasks import chance_reward, resolve_task
 
     stack = _load(file)
+    targets = _parse_stage_impls(stage_impl)
     if run_dir is not None:
         stack.run.dir = str(run_dir)
     rd = Path(stack.run.dir)
@@ -83,25 +87,9 @@ def up(file: Path, max_steps: int = typer.Option(None, help="stop cleanly after 
     except Exception as e:  # a user task may not support it; not fatal
         console.print(f"task {stack.task.name!r}: chance reward unknown ({e})")
     console.print(f"run dir {rd}  (logs, metrics.jsonl, checkpoints, reward.png)")
-    sup = Supervisor(stack, rd, max_steps=max_steps, shutdown_timeout=30.0)
-    t0 = time.time()
-
-    async def view(sup: Supervisor) -> None:
-        if sys.stdout.isatty():
-            with Live(status_table(sup.status()), console=console, refresh_per_second=4) as live:
-                while True:
-                    await asyncio.sleep(VIEW_REFRESH_S)
-                    live.update(status_table(sup.status(), f"{stack.run.name} — {time.time() - t0:.0f}s"))
-        else:
-            while True:
-                await asyncio.sleep(PLAIN_EVERY_S)
-                st = sup.status()
-                alive = " ".join(f"{s.stage}={s.alive}/{s.replicas}" for s in st.stages)
-                print(f"[{time.time() - t0:6.0f}s] step {st.step} reward {st.reward_mean:.3f} "
-                      f"samples/s {st.samples_per_s:.1f} weights v{st.weight_version} "
-                      f"staleness {st.staleness_mean:.2f} | {alive}", flush=True)
-
-    code = transport.run(sup.run(on_tick=view))
+    sup = Supervisor(stack, rd, targets, max_steps=max_steps, shutdown_timeout=shutdown_timeout)
+    code = transport.run(sup.run(on_tick=lambda sup: watch(sup.status, stack.run.name, console)))
+    console.print(f"stopped: {summary_line(sup.status())}")
     plot = write_reward_plot(rd)
     if plot:
         console.print(f"wrote {plot}")
@@ -110,7 +98,7 @@ def up(file: Path, max_steps: int = typer.Option(None, help="stop cleanly after 
     raise typer.Exit(code)
 
 
-def _ask(run_dir: Path, msg) -> StatusReply:
+def _ask(run_dir: Path, msg, timeout_s: float = STATUS_TIMEOUT_S) -> StatusReply:
     try:
         address = ep.load(run_dir)["supervisor"]
     except FileNotFoundError:
@@ -121,7 +109,7 @@ def _ask(run_dir: Path, msg) -> StatusReply:
     async def ask() -> StatusReply:
         with DealerChannel(address, sender="cli") as d:
             await d.send(msg)
-            return await asyncio.wait_for(d.recv(), 5.0)
+            return await asyncio.wait_for(d.recv(), timeout_s)
 
     try:
         return transport.run(ask())
@@ -133,14 +121,14 @@ def _ask(run_dir: Path, msg) -> StatusReply:
 @app.command()
 def status(run_dir: Path = typer.Option(Path("runs/default"), help="run directory of the running stack")) -> None:
     """Print the status table of a running stack once."""
-    console.print(status_table(_ask(run_dir, StatusRequest())))
+    console.print(status_view(_ask(run_dir, StatusRequest()), str(run_dir)))
 
 
 @app.command()
 def scale(stage: str, replicas: int,
           run_dir: Path = typer.Option(Path("runs/default"), help="run directory of the running stack")) -> None:
     """Change the replica count of a stage (scaling down drains first)."""
-    reply = _ask(run_dir, ScaleRequest(stage, replicas))
+    reply = _ask(run_dir, ScaleRequest(stage, replicas), SCALE_TIMEOUT_S)
     console.print(reply.detail)
     raise typer.Exit(0 if reply.ok else 2)
 

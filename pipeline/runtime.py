@@ -224,12 +224,26 @@ async def _watch_parent(parent: int, on_orphan: Callable[[], None]) -> None:
             return
 
 
-async def _follow_control(ctx: StageContext, main_task: asyncio.Task) -> None:
+SPAWNED_AT_VAR = "CONVEYOR_SPAWNED_AT"
+"""Set by the supervisor for each child: its ``time.time()`` when it spawned the process."""
+ONE_SHOT_COMMANDS = (ControlCommand.DRAIN, ControlCommand.SHUTDOWN, ControlCommand.REISSUE)
+"""Commands that are events, not states. The control PUB's last-value cache hands a new
+subscriber the last Control sent; one of these sent before this process was spawned was
+meant for its predecessor (e.g. ``DRAIN rollout/2`` of a scale-down, seen again by a later
+``rollout/2`` of a scale-up) and is ignored. PAUSE/RESUME are states and still apply."""
+
+
+async def _follow_control(ctx: StageContext, main_task: asyncio.Task, spawned_at: float) -> None:
     ch = await ctx.subscribe("control", topics=("control",))
-    async for msg in ch:
+    while True:
+        env, msg = await ch.recv_envelope()
         if not isinstance(msg, Control):
             continue
         if msg.target not in ("*", ctx.kind, ctx.name):
+            continue
+        if msg.command in ONE_SHOT_COMMANDS and env.sent_at < spawned_at:
+            ctx.log.info("control ignored: sent before this process started", command=msg.command.value,
+                         target=msg.target)
             continue
         ctx.log.info("control", command=msg.command.value, reason=msg.reason)
         if msg.command is ControlCommand.DRAIN:
@@ -244,6 +258,7 @@ async def run_stage(kind: str, replica: int, run_dir: Path,
                     body: Callable[[StageContext], Awaitable[None]]) -> int:
     """Run one stage replica to completion; returns the process exit code."""
     set_parent_death_signal()
+    spawned_at = float(os.environ.get(SPAWNED_AT_VAR, "0")) or time.time()
     parent = int(os.environ.get(SUPERVISOR_PID_VAR, os.getppid()))
     if os.getppid() != parent:  # the supervisor died while this process was starting
         return 1
@@ -262,7 +277,7 @@ async def run_stage(kind: str, replica: int, run_dir: Path,
     loop.add_signal_handler(signal.SIGINT, ctx.drain)
     helpers = [
         loop.create_task(beat_forever(ctx._telemetry, ctx.heartbeat)),
-        loop.create_task(_follow_control(ctx, body_task)),
+        loop.create_task(_follow_control(ctx, body_task, spawned_at)),
         loop.create_task(_watch_parent(parent, body_task.cancel)),
     ]
     log.info("stage started", pid=os.getpid(), started_at=time.time())
