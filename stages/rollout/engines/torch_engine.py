@@ -1,51 +1,63 @@
-"""Built-in torch engine: continuous batching with a slot KV cache over a transformers model.
+"""Built-in torch engine: continuous batching over a slot KV cache of a transformers model.
 
-How it runs: requests wait in a queue; a step loop (one asyncio task) admits waiting
-requests into free cache slots between decode steps (prefill: one forward over the prompt,
-its K/V copied into each of the request's ``n`` slots), then decodes one token for every
-active slot in a single batched forward, samples, and retires slots that hit a stop id,
-``max_tokens`` or the cache length. The decoder layers are the model's own modules
-(projections, norms, rotary, MLP or MoE block); only attention over the slot cache is
-written here, with ``scaled_dot_product_attention`` and a length mask.
+How it runs: requests wait in a FIFO; a step loop (one asyncio task) admits waiting requests
+into free cache slots between decode steps (one batched prefill for all admitted prompts,
+each prompt's K/V copied into the slots of its ``n`` samples), then decodes one token for
+every active slot in one batched forward (``decoder.SlotDecoder``), samples
+(``sampler.sample``), and retires slots that sampled a stop id or reached ``max_tokens`` or
+the cache length. A retired slot is refilled by moving the last active one into it, so the
+batch shrinks as sequences finish and new requests take the freed slots at the next step.
 
 Invariants:
-- The logprob of each sampled token is read from the same ``log_softmax(logits / T)`` the
-  token was sampled from (top-p only restricts the sampling support), so it equals a
-  teacher-forced forward pass at the same temperature.
-- Sampling uses one ``torch.Generator`` per request (seeded from ``params.seed`` or the
-  engine's ``sampling_seed`` and the request's arrival index): a request's tokens do not
-  depend on what else is in the batch.
-- Weight updates run between decode steps (the loop holds a lock over each step); spans
-  record the version that produced each token.
+- Logprobs: ``log_softmax(logits / T)`` of the sampled token, from the very logits tensor it
+  was sampled from (before top-p; see ``base``), so they equal a teacher-forced forward pass
+  at the same temperature.
+- Reproducibility: a request's tokens are a function of (weights, prompt, params, seed);
+  with ``seed=None`` the seed is ``mix64(sampling_seed, arrival index)``. Other requests in
+  the batch do not change them (counter-based noise per sample, see ``sampler``).
+- Steps are synchronous between awaits, so ``abort``, ``pause`` and weight loads never land
+  inside a step. Weight loads require ``start_weight_update`` (which pauses) first; each
+  completion records ``(first_token_index, version)`` whenever the live version changes.
+- ``pause("keep")`` freezes sequences in their slots; ``resume`` continues them bit-exactly.
 
-Failure behaviour: a prompt longer than the cache, or a token id outside the vocabulary,
-fails that request with ``ValueError``; the loop keeps serving others. An exception inside
-a step fails every request in that step (with the exception) and the loop continues.
+Failure behaviour: a bad prompt (empty, longer than the cache, ids outside the vocabulary)
+or ``n > max_batch`` fails that ``generate`` call with ``ValueError``; an exception in a
+prefill fails the requests being admitted, one in a decode step fails the requests in the
+batch; the loop keeps serving. A refused weight update (``ManifestMismatch``,
+``DigestMismatch``, transfer error) changes no parameter; a cancelled ``generate`` aborts
+its request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from schemas.messages import WeightManifest
-from stages.model import build_model, is_moe
-from stages.publisher.manifest import check_compatible, load_into, unpack
-from stages.rollout.engines.base import Completion, Engine, SamplingParams
+from stages.model import build_model
+from stages.publisher.manifest import check_compatible, load_into
+from stages.rollout.engines import transfer
+from stages.rollout.engines.base import Completion, Engine, PauseMode, SamplingParams
+from stages.rollout.engines.decoder import SlotDecoder
+from stages.rollout.engines.sampler import mix64, sample
 
 MAX_SEQ_LEN = 512
-"""Cache length per slot (prompt + completion). The built-in tasks use < 32 tokens."""
+"""Cache length per slot (prompt + completion). The built-in tasks use < 32 tokens; a
+qwen3-0.6b cache of 64 x 512 in bf16 is 1.9 GB."""
 
 
 @dataclass
 class _Seq:
     request: "_Request"
     index: int
+    key: int
+    """Noise key of this sample (``mix64(request seed, index)``)."""
     slot: int = -1
     length: int = 0
     """Tokens (prompt + generated) in this slot's cache."""
@@ -58,86 +70,92 @@ class _Request:
     request_id: str
     prompt: torch.Tensor
     params: SamplingParams
-    generator: torch.Generator
     future: asyncio.Future
     seqs: list[_Seq] = field(default_factory=list)
-    aborted: bool = False
 
 
 class TorchEngine(Engine):
-    def __init__(self, model: str | torch.nn.Module = "tiny", *, device: str = "cpu", dtype: str = "float32",
+    def __init__(self, model: str | torch.nn.Module = "tiny", *, device: str = "cpu", dtype: str | torch.dtype = "float32",
                  max_batch: int = 64, seed: int = 0, sampling_seed: int = 0, max_seq_len: int = MAX_SEQ_LEN) -> None:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if isinstance(model, str):
             model = build_model(model, dtype=self.dtype, device=self.device, seed=seed)
         self.model = model.eval().requires_grad_(False)
-        cfg = self.model.config
-        self.moe = is_moe(cfg)
-        self.n_layers = cfg.num_hidden_layers
-        self.n_kv = cfg.num_key_value_heads
-        self.n_heads = cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.vocab = cfg.vocab_size
+        self.decoder = SlotDecoder(self.model, max_batch, max_seq_len)
+        self.device = self.decoder.device
+        self.vocab = self.decoder.vocab
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        shape = (max_batch, self.n_kv, max_seq_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
         self.active: list[_Seq] = []
-        """Invariant: ``active[i].slot == i``; finished sequences are compacted away so
-        attention reads ``cache[:len(active)]`` as a view, never a gather."""
+        """Invariant: ``active[i].slot == i`` (packed at the front of the cache)."""
         self.waiting: list[_Request] = []
         self.requests: dict[str, _Request] = {}
         self._version = 0
-        self._pending_version: int | None = None
+        self._updating: int | None = None
+        """Version being loaded between ``start_weight_update`` and its finish/abort."""
         self._sampling_seed = sampling_seed
         self._arrivals = itertools.count()
         self._wake = asyncio.Event()
         self._running = asyncio.Event()
         self._running.set()
+        self._admitting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._step_lock = asyncio.Lock()
         self._loop_task: asyncio.Task | None = None
         self.decoded_tokens = 0
+        """Tokens sampled since construction (for throughput reports)."""
 
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ requests
     @property
     def weight_version(self) -> int:
         return self._version
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
 
     async def start(self) -> None:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        for rid in list(self.requests):
-            await self.abort(rid)
+        await self.abort(list(self.requests))
         if self._loop_task is not None:
             self._loop_task.cancel()
             self._loop_task = None
 
-    async def generate(self, request_id: str, prompt_ids: np.ndarray, params: SamplingParams) -> list[Completion]:
-        await self.start()
-        prompt = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64))
+    async def generate(self, request_id: str, prompt_ids: np.ndarray | Sequence[int],
+                       params: SamplingParams) -> list[Completion]:
+        prompt = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64)).reshape(-1)
         if prompt.numel() == 0 or prompt.numel() >= self.max_seq_len:
             raise ValueError(f"{request_id}: prompt of {prompt.numel()} tokens (need 1..{self.max_seq_len - 1})")
         if int(prompt.max()) >= self.vocab or int(prompt.min()) < 0:
             raise ValueError(f"{request_id}: token id outside the vocabulary of {self.vocab}")
         if params.n > self.max_batch:
             raise ValueError(f"{request_id}: n={params.n} > max_batch={self.max_batch}")
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(params.seed if params.seed is not None else self._sampling_seed * 1_000_003 + next(self._arrivals))
-        req = _Request(request_id, prompt, params, gen, asyncio.get_running_loop().create_future())
-        req.seqs = [_Seq(req, i) for i in range(params.n)]
+        if request_id in self.requests:
+            raise ValueError(f"{request_id}: a request with this id is already in flight")
+        await self.start()
+        seed = params.seed if params.seed is not None else mix64(self._sampling_seed, next(self._arrivals))
+        req = _Request(request_id, prompt, params, asyncio.get_running_loop().create_future())
+        req.seqs = [_Seq(req, i, mix64(seed, i)) for i in range(params.n)]
         self.requests[request_id] = req
         self.waiting.append(req)
         self._wake.set()
-        return await req.future
+        try:
+            return await asyncio.shield(req.future)
+        except asyncio.CancelledError:
+            self._abort_now(req)
+            raise
 
-    async def abort(self, request_id: str) -> None:
-        req = self.requests.get(request_id)
-        if req is None:
-            return
-        req.aborted = True
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+            req = self.requests.get(rid)
+            if req is not None:
+                self._abort_now(req)
+
+    def _abort_now(self, req: _Request) -> None:
         if req in self.waiting:
             self.waiting.remove(req)
         for s in req.seqs:
@@ -145,51 +163,88 @@ class TorchEngine(Engine):
                 s.out.finish_reason = "abort"
         self._retire_request(req)
 
-    async def pause(self) -> None:
+    async def pause(self, mode: PauseMode = "keep") -> None:
+        if mode == "wait":
+            self._admitting = False
+            await self._idle.wait()
+        elif mode not in ("keep", "abort"):
+            raise ValueError(f"pause mode {mode!r}: expected keep, abort or wait")
         self._running.clear()
-        async with self._step_lock:  # returns once the current step finished
-            pass
+        async with self._step_lock:  # the step in progress (if any) has finished
+            if mode == "abort":
+                await self.abort(list(self.requests))
 
     async def resume(self) -> None:
+        self._admitting = True
         self._running.set()
         self._wake.set()
 
-    async def start_weight_update(self, version: int, manifest: WeightManifest) -> None:
-        check_compatible(manifest, dict(self.model.named_parameters()))
-        await self.pause()
-        self._pending_version = version
+    # ------------------------------------------------------------------ weights
+    def _params(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters())
 
-    async def update_weights_shm(self, payload: np.ndarray, manifest: WeightManifest) -> list[str]:
-        tensors, digests = unpack(manifest, payload)  # verifies every bucket first
+    def _check_updating(self, manifest: WeightManifest) -> None:
+        if self._updating is None:
+            raise RuntimeError("update_weights_* called without start_weight_update")
+        if manifest.version != self._updating:
+            raise ValueError(f"manifest is version {manifest.version}, the update in progress is {self._updating}")
+        check_compatible(manifest, self._params())
+
+    def _load(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            load_into(self.model, {n: t.to(self.device) for n, t in tensors.items()})
+            load_into(self.model, {n: t.to(self.device, non_blocking=True) for n, t in tensors.items()})
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    async def start_weight_update(self, version: int, manifest: WeightManifest) -> None:
+        if manifest.version != version:
+            raise ValueError(f"start_weight_update({version}) with a manifest of version {manifest.version}")
+        check_compatible(manifest, self._params())
+        await self.pause("keep")
+        self._updating = version
+
+    async def update_weights_shm(self, buffer: memoryview | np.ndarray, manifest: WeightManifest) -> list[str]:
+        self._check_updating(manifest)
+        tensors, digests = transfer.receive_shm(buffer, manifest)
+        self._load(tensors)
         return digests
 
+    async def update_weights_ipc(self, handles: Sequence[tuple[Any, tuple]], manifest: WeightManifest) -> list[str]:
+        self._check_updating(manifest)
+        self._load(transfer.receive_ipc(handles, manifest))
+        return []
+
+    async def update_weights_nccl(self, group: Any, manifest: WeightManifest, src: int = 0) -> list[str]:
+        self._check_updating(manifest)
+        # Blocking collective in a thread: the event loop (heartbeats, aborts) stays live.
+        tensors = await asyncio.to_thread(transfer.receive_collective, group, manifest, src, self.device)
+        self._load(tensors)
+        return []
+
     async def finish_weight_update(self, version: int) -> None:
+        if self._updating is not None and version != self._updating:
+            raise ValueError(f"finish_weight_update({version}) while version {self._updating} is loading")
         self._version = version
-        self._pending_version = None
+        self._updating = None
         await self.resume()
 
     async def abort_weight_update(self) -> None:
-        self._pending_version = None
+        self._updating = None
         await self.resume()
 
     # ------------------------------------------------------------------ step loop
     async def _loop(self) -> None:
         while True:
-            if not (self.active or self.waiting) or not self._running.is_set():
+            if not (self.active or (self.waiting and self._admitting)) or not self._running.is_set():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             async with self._step_lock:
                 if self._running.is_set():
-                    try:
+                    if self._admitting:
                         self._admit()
-                        if self.active:
-                            self._decode_step()
-                    except Exception as e:  # fail this step's requests, keep serving
-                        for req in {s.request for s in self.active} | set(self.waiting):
-                            self._fail(req, e)
+                    if self.active:
+                        self._decode()
             await asyncio.sleep(0)  # let new requests, aborts and weight updates in
 
     def _admit(self) -> None:
@@ -199,113 +254,52 @@ class TorchEngine(Engine):
             req = self.waiting.pop(0)
             free -= req.params.n
             batch.append(req)
-        if batch:
-            self._prefill(batch)
-
-    @torch.inference_mode()
-    def _prefill(self, reqs: list[_Request]) -> None:
-        """One right-padded forward over the prompts of every admitted request; each
-        prompt's K/V is copied into the slots of its ``n`` sequences."""
-        lens = [r.prompt.numel() for r in reqs]
-        width = max(lens)
-        ids = torch.zeros((len(reqs), width), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, : lens[i]] = r.prompt
-        ids = ids.to(self.device)
-        pos = torch.arange(width, device=self.device)[None].expand(len(reqs), -1)
-        h = self.model.model.embed_tokens(ids)
-        cos, sin = self.model.model.rotary_emb(h, pos)
-        # Causal mask; padded positions come after every real one, so they never leak in.
-        mask = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()[None, None]
-        first = len(self.active)
-        slots, owners = [], []
-        for i, r in enumerate(reqs):
-            for seq in r.seqs:
-                slots.append(first + len(slots))
-                owners.append(i)
-        owner_idx = torch.tensor(owners, device=self.device)
-        slot_idx = torch.tensor(slots, device=self.device)
-        for layer_idx, layer in enumerate(self.model.model.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
-            self.k_cache[layer_idx][slot_idx, :, :width] = k[owner_idx]
-            self.v_cache[layer_idx][slot_idx, :, :width] = v[owner_idx]
-            h = self._finish_layer(layer, h, q, k, v, mask)
-        last = torch.tensor(lens, device=self.device) - 1
-        logits = self._logits(h[torch.arange(len(reqs), device=self.device), last])
+        if not batch:
+            return
+        try:
+            first = len(self.active)
+            owners = [i for i, r in enumerate(batch) for _ in r.seqs]
+            logits = self.decoder.prefill([r.prompt for r in batch], list(range(first, first + len(owners))), owners)
+        except Exception as e:  # noqa: BLE001 - reported to the callers of these requests
+            for r in batch:
+                self._fail(r, e)
+            return
         seqs = []
-        for r in reqs:
-            for seq in r.seqs:
-                seq.slot, seq.length = first + len(seqs), r.prompt.numel()
-                seq.out.version_spans.append((0, self._version))
-                self.active.append(seq)
-                seqs.append(seq)
-        self._sample_into(seqs, logits[owner_idx])
+        for r in batch:
+            for s in r.seqs:
+                s.slot, s.length = first + len(seqs), r.prompt.numel()
+                s.out.version_spans.append((0, self._version))
+                self.active.append(s)
+                seqs.append(s)
+        self._idle.clear()
+        self._sample_into(seqs, logits[torch.tensor(owners, device=logits.device)])
 
-    @torch.inference_mode()
-    def _decode_step(self) -> None:
-        seqs = self.active
-        b = len(seqs)
-        rows = torch.arange(b, device=self.device)
-        lengths = torch.tensor([s.length for s in seqs], device=self.device)
-        ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
-        h = self.model.model.embed_tokens(ids)
-        cos, sin = self.model.model.rotary_emb(h, lengths[:, None])
-        span = int(lengths.max()) + 1
-        mask = (torch.arange(span, device=self.device)[None] <= lengths[:, None])[:, None, None, :]
-        for layer_idx, layer in enumerate(self.model.model.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
-            kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
-            kc[rows, :, lengths] = k[:, :, 0]
-            vc[rows, :, lengths] = v[:, :, 0]
-            h = self._finish_layer(layer, h, q, kc[:b, :, :span], vc[:b, :, :span], mask)
+    def _decode(self) -> None:
+        seqs = list(self.active)
+        try:
+            logits = self.decoder.decode([s.last_token for s in seqs], [s.length for s in seqs])
+        except Exception as e:  # noqa: BLE001 - reported to the callers of these requests
+            for req in {s.request.request_id: s.request for s in seqs}.values():
+                self._fail(req, e)
+            return
         for s in seqs:
             s.length += 1
-        self._sample_into(list(seqs), self._logits(h[:, -1]))
-
-    def _qkv(self, layer, h, cos, sin):
-        from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
-
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        b, t, _ = x.shape
-        q = attn.q_norm(attn.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = attn.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
-
-    def _finish_layer(self, layer, h, q, k, v, mask):
-        b, _, t, _ = q.shape
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
-        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-        mlp_out = layer.mlp(layer.post_attention_layernorm(h))
-        if isinstance(mlp_out, tuple):  # MoE blocks may also return router logits
-            mlp_out = mlp_out[0]
-        return h + mlp_out
-
-    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(h_last)).float()
+        self._sample_into(seqs, logits)
 
     def _sample_into(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        """Sample one token per sequence (batched); record token and logprob; retire finished.
-
-        Exponential race (argmax of p / E with E ~ Exp(1)) draws from p exactly, and lets
-        each row take its noise from its own request's generator while the arithmetic
-        stays batched."""
+        """Sample one token per sequence (batched); record token, logprob, span; retire."""
         params = [s.request.params for s in seqs]
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)[:, None]
-        logp = torch.log_softmax(logits.cpu() / temps, dim=-1)
-        probs = logp.exp()
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        if bool((top_p < 1.0).any()):
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            drop_sorted = sorted_p.cumsum(-1) - sorted_p >= top_p[:, None]
-            probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted), 0.0)
-        noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=s.request.generator) for s in seqs])
-        toks = (probs / noise).argmax(-1)
-        lps = logp.gather(1, toks[:, None])[:, 0].tolist()
+        dev = logits.device
+        tokens, logprobs = sample(
+            logits,
+            torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+            torch.tensor([s.key for s in seqs], dtype=torch.int64, device=dev),
+            torch.tensor([len(s.out.token_ids) for s in seqs], dtype=torch.int64, device=dev),
+            any(p.top_p < 1.0 for p in params),
+        )
         finished = []
-        for s, p, tok, lp in zip(seqs, params, toks.tolist(), lps):
+        for s, p, tok, lp in zip(seqs, params, tokens.tolist(), logprobs.tolist()):
             out = s.out
             if out.version_spans[-1][1] != self._version:
                 out.version_spans.append((len(out.token_ids), self._version))
@@ -321,25 +315,23 @@ class TorchEngine(Engine):
         self.decoded_tokens += len(seqs)
         for s in finished:
             self._release(s)
-            req = s.request
-            if all(x.out.finish_reason for x in req.seqs):
-                self._retire_request(req)
+            if all(x.out.finish_reason for x in s.request.seqs):
+                self._retire_request(s.request)
 
     def _release(self, s: _Seq) -> None:
-        """Free a sequence's slot, moving the last active sequence into it (compaction)."""
+        """Free a sequence's slot, moving the last active sequence into it (packing)."""
         if s.slot < 0:
             return
         j, last = s.slot, len(self.active) - 1
         if j != last:
             moved = self.active[last]
-            n = moved.length
-            for kc, vc in zip(self.k_cache, self.v_cache):
-                kc[j, :, :n] = kc[last, :, :n]
-                vc[j, :, :n] = vc[last, :, :n]
+            self.decoder.move_slot(last, j, moved.length)
             moved.slot = j
             self.active[j] = moved
         self.active.pop()
         s.slot = -1
+        if not self.active:
+            self._idle.set()
 
     def _retire_request(self, req: _Request) -> None:
         for s in req.seqs:
