@@ -33,7 +33,7 @@ import structlog
 
 import transport
 from pipeline import endpoints as ep
-from schemas.messages import Control, ControlCommand, Heartbeat, Message, Metrics
+from schemas.messages import Control, ControlCommand, Credit, Heartbeat, Message, Metrics
 from schemas.stack import Stack
 from transport.heartbeat import beat_forever
 from transport.record import StreamRecorder
@@ -189,6 +189,21 @@ class StageContext:
         self.draining.set()
         for p in self._pullers:
             p.drain()
+            if isinstance(p, WorkPuller):
+                asyncio.get_running_loop().create_task(self._revoke_now(p))
+
+    @staticmethod
+    async def _revoke_now(p: WorkPuller) -> None:
+        """Send the drained puller's credit revocation at once. ``WorkPuller`` sends it from
+        inside ``recv``, but a replica parked in ``recv`` waiting for work that never comes
+        (the source drained first, or is idle) would never get there and never exit. The
+        broker's acknowledgement (or an item already on its way) wakes the parked ``recv``,
+        which then ends with EOFError. ``_revoke_sent`` guards against revoking twice."""
+        if p._closed or p._revoke_sent or p.outstanding <= 0:
+            return
+        p._revoke_sent = True
+        with contextlib.suppress(Exception):
+            await p.sock.send_multipart(p.codec.encode(Credit(-p.outstanding, p.codec.sender)))
 
     def heartbeat(self) -> Heartbeat:
         state = "draining" if self.draining.is_set() else "running"

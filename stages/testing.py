@@ -199,3 +199,23 @@ async def wait_until(cond, timeout: float, what: str, poll_s: float = 0.1) -> No
             return
         await asyncio.sleep(poll_s)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def fake_crash(ctx) -> None:
+    """Fails as soon as it starts (the process exits 1): a crash loop for the restart limit."""
+    raise RuntimeError("fake crash")
+
+
+async def fake_hang_once(ctx) -> None:
+    """First incarnation (no ``fake_hung`` marker in the run dir): beats for a moment, then
+    blocks its event loop so its heartbeats stop. Later incarnations are ``fake_worker``."""
+    import asyncio
+    import time
+
+    marker = ctx.run_dir / f"fake_hung-{ctx.kind}-{ctx.replica}"
+    if marker.exists():
+        await fake_worker(ctx)
+        return
+    marker.write_text("")
+    await asyncio.sleep(1.5)
+    time.sleep(3600)  # blocks the loop: no heartbeat until the supervisor kills us

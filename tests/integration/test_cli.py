@@ -1,6 +1,7 @@
-"""CLI paths against real processes: replay one stage on a recording; status and scale."""
+"""CLI paths against real processes: check, up with fake stages (--max-steps, metrics,\nreward.png), replay one stage on a recording, status and scale."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from transport.record import read_messages
 
@@ -64,3 +66,43 @@ def test_status_and_scale_talk_to_a_running_stack(tmp_path):
     nobody = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--run-dir", str(tmp_path / "none")],
                             capture_output=True, text=True, timeout=60)
     assert nobody.returncode == 2
+
+
+@pytest.mark.parametrize("body, field", [
+    ("[run]\nnme = 'x'\n", "nme"),
+    ("[source]\n[rollout]\nreplicas = 'two'\n[reward]\n[logprob]\n[learner]\n[publisher]\n", "rollout.replicas"),
+    ("[source]\n[rollout]\n[reward]\n[logprob]\n[publisher]\n", "learner"),
+    ("[source]\n[rollout]\nreplicas = 0\n[reward]\n[logprob]\n[learner]\n[publisher]\n", "rollout.replicas"),
+])
+def test_broken_stack_files_exit_2_naming_the_field(tmp_path, body, field):
+    p = tmp_path / "broken.toml"
+    p.write_text(body)
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "check", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert field in r.stdout.replace("\n", "") and str(p.name) in r.stdout.replace("\n", "")
+
+
+def test_check_accepts_the_default_stack():
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "check", "ops/stack.toml"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok" in r.stdout and "rollout×2" in r.stdout
+
+
+def test_up_with_fake_stages_stops_after_max_steps_with_metrics_and_plot(tmp_path):
+    stack = tmp_path / "stack.toml"
+    stack.write_text("[run]\nname='up'\n[source]\n[rollout]\n[reward]\n[logprob]\n[learner]\n[publisher]\n")
+    run_dir = tmp_path / "run"
+    impl = [f"--stage-impl={k}=stages.testing:{f}" for k, f in
+            (("source", "fake_source"), ("rollout", "fake_worker"), ("reward", "fake_worker"),
+             ("logprob", "fake_worker"), ("learner", "fake_sink"), ("publisher", "fake_idle"))]
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "up", str(stack), "--max-steps", "3",
+                        "--run-dir", str(run_dir), *impl], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "FAKE_ITEMS": "0"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "stopped: step 3" in r.stdout
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert {"step", "time", "reward_mean", "samples_per_s", "weight_version", "staleness_mean"} <= rows[0].keys()
+    assert (run_dir / "reward.png").stat().st_size > 1000
+    assert json.loads((run_dir / "endpoints.json").read_text())["supervisor"].startswith("tcp://")

@@ -1,4 +1,5 @@
-"""Supervisor with fake stages: restart after kill -9, bounded SIGTERM, lossless scaling."""
+"""Supervisor with fake stages: restart after kill -9 and after silence, the restart limit,
+bounded SIGTERM, parent death, lossless scaling (and scaling back up reusing replica names)."""
 
 import json
 import os
@@ -9,9 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
-from pipeline.supervisor import Supervisor
+from pipeline.supervisor import RestartPolicy, Supervisor
 from schemas.stack import load_stack
 from stages.testing import FAKE_TARGETS, wait_until
 
@@ -79,9 +78,14 @@ async def test_scale_up_and_down_under_load_loses_nothing(tmp_path, monkeypatch)
         await sup.scale("rollout", 3)
         await wait_until(lambda: sum(r.alive for r in sup.replicas["rollout"]) == 3, 30, "3 replicas")
         await wait_until(lambda: len(received(run)) > 120, 60, "work on 3 replicas")
-        await sup.scale("rollout", 1)
-        await wait_until(lambda: len(sup.replicas["rollout"]) == 1, 30, "scale down to 1")
+        assert await sup.scale("rollout", 1) == "rollout: 1 replica(s)"  # answers once drained
+        assert [r.name for r in sup.replicas["rollout"]] == ["rollout/0"]
+        # Up again: the new rollout/1 and rollout/2 must not act on the DRAIN sent to their
+        # predecessors (the control PUB replays its last message to late joiners).
+        await sup.scale("rollout", 3)
+        await wait_until(lambda: all(f"rollout/{i}" in sup.health.latest for i in range(3)), 30, "new replicas beat")
         await wait_until(lambda: len(received(run)) >= 300, 90, "every item")
+        assert sum(r.alive for r in sup.replicas["rollout"]) == 3
         sup.stop.set()
 
     assert await sup.run(on_tick=scenario) == 0
@@ -150,15 +154,31 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
     assert not [n for n, p in pids.items() if alive(p)]
 
 
-@pytest.mark.parametrize("body, field", [
-    ("[run]\nnme = 'x'\n", "nme"),
-    ("[source]\n[rollout]\nreplicas = 'two'\n[reward]\n[logprob]\n[learner]\n[publisher]\n", "rollout.replicas"),
-    ("[source]\n[rollout]\n[reward]\n[logprob]\n[publisher]\n", "learner"),
-    ("[source]\n[rollout]\nreplicas = 0\n[reward]\n[logprob]\n[learner]\n[publisher]\n", "rollout.replicas"),
-])
-def test_broken_stack_files_exit_2_naming_the_field(tmp_path, body, field):
-    p = tmp_path / "broken.toml"
-    p.write_text(body)
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "check", str(p)], capture_output=True, text=True)
-    assert r.returncode == 2
-    assert field in r.stdout.replace("\n", "") and str(p.name) in r.stdout.replace("\n", "")
+async def test_silent_replica_is_killed_by_pid_and_restarted(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_ITEMS", "0")
+    targets = {**FAKE_TARGETS, "reward": "stages.testing:fake_hang_once"}
+    sup = Supervisor(fake_stack(tmp_path), tmp_path / "run", targets, heartbeat_timeout=2.0, startup_grace=6.0)
+    run = tmp_path / "run"
+
+    async def scenario(sup):
+        await wait_until(lambda: (run / "fake_hung-reward-0").exists(), 30, "the reward replica to hang")
+        hung = sup.pids()["reward/0"]
+        await wait_until(lambda: sup.pids().get("reward/0") not in (None, hung), 30, "kill and restart")
+        assert not alive(hung)
+        await wait_until(lambda: len(received(run)) > 10, 60, "work through the restarted replica")
+        sup.stop.set()
+
+    assert await sup.run(on_tick=scenario) == 0
+    assert [r.total_restarts for r in sup.replicas["reward"]] == [1]
+
+
+async def test_crash_loop_fails_the_stack_naming_the_replica(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_ITEMS", "0")
+    targets = {**FAKE_TARGETS, "logprob": "stages.testing:fake_crash"}
+    sup = Supervisor(fake_stack(tmp_path), tmp_path / "run", targets, shutdown_timeout=5.0,
+                     restart_policy=RestartPolicy(max_restarts=2, backoff_base_s=0.1))
+    t0 = time.monotonic()
+    assert await sup.run() == 1
+    assert sup.failure is not None and "logprob/0" in sup.failure and "3 times" in sup.failure
+    assert not sup.pids()
+    assert time.monotonic() - t0 < 60
