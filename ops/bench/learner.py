@@ -19,10 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from schemas.stack import LearnerSection
 from stages.testing import make_train_group, run_world
 
 WARMUP_STEPS = 2
+"""Untimed steps first: allocator warm-up and first-call overheads are not throughput."""
+MICRO_BATCH_TOKENS = 4096
+"""The stack default budget: the packing a real run uses."""
 
 
 def _batch(step: int, groups: int):
@@ -36,9 +38,12 @@ def _bench(steps: int, groups: int) -> float:
 
     from stages.learner.trainer import Learner
 
+    from stages.learner.config import LearnerConfig
+
     torch.set_num_threads(max(1, torch.get_num_threads() // dist.get_world_size()))
-    cfg = LearnerSection(lr=1e-3, micro_batch_tokens=4096, groups_per_step=groups)
-    learner = Learner(cfg, model_name="tiny", run_dir=Path(tempfile.mkdtemp()), max_staleness=10)
+    cfg = LearnerConfig(model="tiny", lr=1e-3, micro_batch_tokens=MICRO_BATCH_TOKENS, groups_per_step=groups,
+                        max_staleness=10, run_dir=tempfile.mkdtemp())
+    learner = Learner(cfg)
     for s in range(WARMUP_STEPS):
         learner.train_step(_batch(s, groups))
     batches = [_batch(100 + s, groups) for s in range(steps)]

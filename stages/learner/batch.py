@@ -10,8 +10,17 @@ Invariants:
 - Weights implement the aggregation over the WHOLE step: token-mean → 1/total_tokens;
   seq-mean → 1/(len(seq) * total_seqs); so the sum over all ranks' micro-batches is the
   step loss, independent of the world size and of the packing.
-- Packing is greedy in sample order under ``micro_batch_tokens`` (padded size
-  ``rows × longest``); a sequence longer than the budget gets a micro-batch of its own.
+- Packing is greedy over the sequences sorted longest first (stable, so deterministic
+  and identical on every rank) under ``micro_batch_tokens`` (padded size ``rows ×
+  longest``): similar lengths share a micro-batch, so little of the budget is padding. A
+  sequence longer than the budget gets a micro-batch of its own.
+- Packing never changes the step's loss (weights are per token), only the float
+  summation order.
+
+Failure behaviour: ``group_problem`` names what is wrong with a malformed group (array
+lengths that disagree, non-finite rewards or logprobs); ``Learner.admit`` drops such a group
+as ``invalid: ...`` before it reaches a step. ``step_items`` raises ``ValueError`` on the
+same problems as a backstop, since a half-used group would silently skew the step.
 """
 
 from __future__ import annotations
@@ -49,9 +58,31 @@ class MicroBatch:
     """Per-target loss weight (0 on prompt and padding), [B, L-1]."""
 
 
+def group_problem(g: TrainGroup) -> str | None:
+    """Why ``g`` cannot be trained on, or None if it can."""
+    samples, rewards = g.scored.rollout.samples, np.asarray(g.scored.rewards)
+    if len(rewards) != len(samples):
+        return f"{len(rewards)} rewards for {len(samples)} samples"
+    if not np.all(np.isfinite(rewards)):
+        return "non-finite reward"
+    if g.ref_logprobs is not None and len(g.ref_logprobs) != len(samples):
+        return f"{len(g.ref_logprobs)} reference logprob arrays for {len(samples)} samples"
+    for i, s in enumerate(samples):
+        if len(s.logprobs) != len(s.token_ids):
+            return f"sample {i}: {len(s.logprobs)} logprobs for {len(s.token_ids)} tokens"
+        if not np.all(np.isfinite(s.logprobs)):
+            return f"sample {i}: non-finite behaviour logprob"
+        if g.ref_logprobs is not None and len(g.ref_logprobs[i]) != len(s.token_ids):
+            return f"sample {i}: {len(g.ref_logprobs[i])} reference logprobs for {len(s.token_ids)} tokens"
+    return None
+
+
 def step_items(groups: list[TrainGroup], aggregation: str) -> list[SeqItem]:
     items = []
     for g in groups:
+        problem = group_problem(g)
+        if problem is not None:
+            raise ValueError(f"group {g.scored.rollout.group.group_id}: {problem}")
         adv = grpo_advantages(g.scored.rewards)
         prompt = np.asarray(g.scored.rollout.group.prompt_ids, np.int64)
         for i, s in enumerate(g.scored.rollout.samples):
@@ -67,10 +98,11 @@ def step_items(groups: list[TrainGroup], aggregation: str) -> list[SeqItem]:
 
 
 def pack(items: list[SeqItem], budget: int) -> list[list[SeqItem]]:
+    """Micro-batches of at most ``budget`` padded tokens, longest sequences first."""
     batches: list[list[SeqItem]] = []
     cur: list[SeqItem] = []
     longest = 0
-    for it in items:
+    for it in sorted(items, key=lambda it: -len(it.tokens)):
         n = len(it.tokens)
         if cur and (len(cur) + 1) * max(longest, n) > budget:
             batches.append(cur)

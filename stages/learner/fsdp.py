@@ -128,7 +128,9 @@ def build_inference(name: str, *, device: torch.device, seed: int = 0,
                     mixed_precision: bool | None = None) -> transformers.PreTrainedModel:
     """Inference-only variant for the logprob stage: same sharding and load path, eval mode,
     parameters frozen (no gradients, no optimizer state ever exists for it). Call it
-    under ``torch.inference_mode()``; every rank must run the same forwards (collectives)."""
+    under ``torch.no_grad()``, NOT ``torch.inference_mode()``: FSDP2's unshard preserves
+    parameter version counters, which inference tensors lack (RuntimeError). Every rank
+    must run the same forwards (they all-gather parameters)."""
     model = _shard_and_load(name, device=device, seed=seed, mixed_precision=mixed_precision,
                             activation_checkpointing=False, reshard_after_forward=True)
     return model.eval().requires_grad_(False)

@@ -40,7 +40,7 @@ import msgspec
 from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainGroup
 from schemas.stack import LearnerSection
 from stages.learner import checkpoint as ckpt
-from stages.learner.batch import rank_micro_batches
+from stages.learner.batch import group_problem, rank_micro_batches
 from stages.learner.config import LearnerConfig
 from stages.learner.fsdp import build_sharded, full_parameters
 from stages.learner.loss import MAX_METRICS, MIN_METRICS, SUM_METRICS, policy_loss
@@ -125,7 +125,7 @@ class Learner:
         """Ids that reached a terminal state (trained, or dropped as stale/failed): any later
         copy of them (a lease reissue already in flight) is a duplicate, so each issued
         group ends in exactly one terminal state."""
-        self.dropped_counts = {"duplicate": 0, "stale": 0, "failed": 0}
+        self.dropped_counts = {"duplicate": 0, "stale": 0, "failed": 0, "invalid": 0}
 
     # ------------------------------------------------------------------ admission (rank 0)
     def admit(self, groups: list[TrainGroup | GroupFailed], in_step: set[str] = frozenset()
@@ -144,6 +144,10 @@ class Learner:
             if gid in self.terminal or gid in seen:
                 dropped.append(DroppedGroup(gid, "duplicate"))
                 self.dropped_counts["duplicate"] += 1
+            elif (problem := group_problem(g)) is not None:
+                dropped.append(DroppedGroup(gid, f"invalid: {problem}"))
+                self.dropped_counts["invalid"] += 1
+                self.terminal.add(gid)
             elif sample_lag(g, self.version) > self.max_staleness:
                 dropped.append(DroppedGroup(gid, "stale"))
                 self.dropped_counts["stale"] += 1
@@ -202,10 +206,10 @@ class Learner:
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         # The single per-step exchange: metrics of every rank plus its verdict on the norm.
         mine = torch.tensor([*sums.values(), *maxes.values(), *mins.values(),
-                             0.0 if np.isfinite(norm) else 1.0], dtype=torch.float64)
+                             0.0 if np.isfinite(norm) else 1.0], dtype=torch.float64, device=self.device)
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine)
-        table = torch.stack(gathered)
+        table = torch.stack(gathered).cpu()
         n_sum, n_max = len(sums), len(maxes)
         total = dict(zip(SUM_KEYS, table[:, :n_sum].sum(0).tolist()))
         total.update(zip(MAX_METRICS, table[:, n_sum:n_sum + n_max].max(0).values.tolist()))
@@ -264,7 +268,7 @@ class Learner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.consumed = set(state["consumed"])
         self.terminal = set(state.get("terminal", state["consumed"]))
-        self.dropped_counts = state.get("dropped_counts", self.dropped_counts)
+        self.dropped_counts.update(state.get("dropped_counts", {}))
         if self.rank == 0:
             with open(self.run_dir / CONSUMED_FILE, "a") as f:
                 f.write(json.dumps({"resumed": self.step, "version": self.version, "time": time.time()}) + "\n")

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from schemas.messages import GroupFailed
 from stages.learner import checkpoint as ckpt
 from stages.learner.config import LearnerConfig
+from stages.learner.fsdp import build_inference
 from stages.learner.trainer import CONSUMED_FILE, Learner
 from stages.model import build_model
 from stages.testing import free_port, make_train_group, run_world
@@ -198,7 +199,13 @@ def test_duplicate_and_stale_groups_are_dropped_and_counted(one_rank, tmp_path):
     keep2, dropped2 = learner.admit([make_train_group("b", version=3), make_train_group("c", version=3),
                                      GroupFailed("a", "late failure", "logprob/0")])
     assert keep2 == [] and [(d.group_id, d.reason) for d in dropped2] == [("b", "duplicate"), ("c", "duplicate")]
-    assert learner.dropped_counts == {"duplicate": 3, "stale": 1, "failed": 1}
+    assert learner.dropped_counts == {"duplicate": 3, "stale": 1, "failed": 1, "invalid": 0}
+    broken = make_train_group("e", version=3)
+    broken.scored.rollout.samples[1].logprobs = broken.scored.rollout.samples[1].logprobs[:-1]
+    keep3, dropped3 = learner.admit([broken])
+    assert keep3 == [] and [(d.group_id, d.reason) for d in dropped3] == [
+        ("e", "invalid: sample 1: 15 logprobs for 16 tokens")]
+    assert learner.dropped_counts["invalid"] == 1
     assert '"consumed": ["a", "b"]' in (tmp_path / CONSUMED_FILE).read_text()
 
 
@@ -209,3 +216,14 @@ def test_step_metrics_report_mismatch_and_importance_weights(one_rank, tmp_path)
     assert m["logprob_gap_mean"] > 0 and m["logprob_gap_max"] >= m["logprob_gap_mean"]
     assert 0 < m["is_weight_min"] <= m["is_weight_mean"] <= m["is_weight_max"]
     assert 0 <= m["is_truncated_frac"] <= 1 and np.isfinite(m["grad_norm"]) and m["skipped"] == 0
+
+
+def test_inference_only_variant_scores_like_the_plain_model(one_rank):
+    model = build_inference("tiny", device=torch.device("cpu"), seed=0)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    ids = torch.from_numpy(np.concatenate([make_train_group("g", seed=5).scored.rollout.group.prompt_ids,
+                                           make_train_group("g", seed=5).scored.rollout.samples[0].token_ids]))
+    with torch.no_grad():  # not inference_mode: FSDP2's unshard needs version counters
+        got = model(input_ids=ids[None].long()).logits
+        want = build_model("tiny", seed=0)(input_ids=ids[None].long()).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
