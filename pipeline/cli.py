@@ -147,6 +147,9 @@ def replay(file: Path, into: str = typer.Option(..., help="stage to feed: rollou
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
+    except RuntimeError as e:
+        console.print(f"[red]replay failed:[/red] {e}")
+        raise typer.Exit(1)
     for tag, n in sorted(counts.items()):
         console.print(f"{tag}: {n}")
 

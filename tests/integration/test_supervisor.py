@@ -182,3 +182,22 @@ async def test_crash_loop_fails_the_stack_naming_the_replica(tmp_path, monkeypat
     assert sup.failure is not None and "logprob/0" in sup.failure and "3 times" in sup.failure
     assert not sup.pids()
     assert time.monotonic() - t0 < 60
+
+
+async def test_a_dead_learner_rank_restarts_the_whole_group(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_ITEMS", "0")
+    stack = fake_stack(tmp_path)
+    stack.learner.world_size = 2
+
+    async def scenario(sup):
+        await wait_until(lambda: {"learner/0", "learner/1"} <= sup.health.latest.keys(), 30, "both ranks up")
+        before = {n: p for n, p in sup.pids().items() if n.startswith("learner/")}
+        os.kill(before["learner/1"], signal.SIGKILL)
+        await wait_until(lambda: all(sup.pids().get(n) not in (None, p) for n, p in before.items()), 30,
+                         "both ranks respawned")
+        assert not any(alive(p) for p in before.values())
+        sup.stop.set()
+
+    sup = Supervisor(stack, tmp_path / "run", FAKE_TARGETS)
+    assert await sup.run(on_tick=scenario) == 0
+    assert [r.total_restarts for r in sup.replicas["learner"]] == [0, 1]  # counted against the rank that died
