@@ -106,3 +106,39 @@ def test_up_with_fake_stages_stops_after_max_steps_with_metrics_and_plot(tmp_pat
     assert {"step", "time", "reward_mean", "samples_per_s", "weight_version", "staleness_mean"} <= rows[0].keys()
     assert (run_dir / "reward.png").stat().st_size > 1000
     assert json.loads((run_dir / "endpoints.json").read_text())["supervisor"].startswith("tcp://")
+
+
+def _reply():
+    from schemas.messages import StageStatus, StatusReply
+
+    return StatusReply(True, "", [StageStatus("rollout", 3, 2, 1, 7, 40), StageStatus("learner", 1, 1, 0, 0, 12)],
+                       step=12, weight_version=11, reward_mean=0.5, samples_per_s=123.4, staleness_mean=1.25)
+
+
+async def test_view_prints_plain_lines_without_a_terminal(monkeypatch, capsys):
+    import asyncio
+
+    from pipeline import view
+
+    monkeypatch.setattr(view, "PLAIN_EVERY_S", 0.05)
+    task = asyncio.ensure_future(view.watch(_reply, "t", tty=False))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 2 and "\x1b" not in "".join(lines)
+    assert "step 12 reward 0.500 samples/s 123.4 weights v11 staleness 1.25" in lines[0]
+    assert "rollout=2/3(r1)[q7]" in lines[0] and "learner=1/1" in lines[0]
+
+
+def test_status_view_shows_every_figure():
+    import io
+
+    from rich.console import Console
+
+    from pipeline.view import status_view
+
+    buf = io.StringIO()
+    Console(file=buf, width=100, force_terminal=False).print(status_view(_reply(), "run"))
+    text = buf.getvalue()
+    for figure in ("12", "0.500", "123.4", "v11", "1.25", "2/3", "40"):
+        assert figure in text, figure
