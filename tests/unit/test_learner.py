@@ -9,6 +9,7 @@ in this process on a 1-rank gloo group.
 import tempfile
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -227,3 +228,28 @@ def test_inference_only_variant_scores_like_the_plain_model(one_rank):
         got = model(input_ids=ids[None].long()).logits
         want = build_model("tiny", seed=0)(input_ids=ids[None].long()).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _sequence_logprobs(learner, group):
+    """Trainer log-probability of each completion of ``group`` (no grad; 1-rank model)."""
+    prompt = group.scored.rollout.group.prompt_ids
+    out = []
+    with torch.no_grad():
+        for s in group.scored.rollout.samples:
+            ids = torch.from_numpy(np.concatenate([prompt, s.token_ids]).astype(np.int64))[None]
+            logp = torch.log_softmax(learner.model(input_ids=ids).logits[0, :-1].float(), -1)
+            out.append(logp[len(prompt) - 1:].gather(-1, ids[0, len(prompt):, None])[:, 0].numpy())
+    return out
+
+
+@pytest.mark.parametrize("loss", ["grpo", "ppo"])
+def test_a_step_moves_probability_toward_the_rewarded_sample(one_rank, tmp_path, loss):
+    learner = Learner(msgspec.structs.replace(CFG, loss=loss, warmup_steps=0, weight_decay=0.0), run_dir=tmp_path)
+    group = make_train_group("g", n_samples=2, length=8, seed=3, rewards=np.array([1.0, 0.0], np.float32))
+    before = _sequence_logprobs(learner, group)
+    for sample, logp in zip(group.scored.rollout.samples, before):  # on-policy: importance weight 1
+        sample.logprobs = logp.astype(np.float32)
+    result = learner.train_step([group])
+    after = _sequence_logprobs(learner, group)
+    assert result.metrics["logprob_gap_max"] < 1e-4 and result.metrics["is_weight_mean"] == pytest.approx(1, abs=1e-4)
+    assert after[0].sum() > before[0].sum() and after[1].sum() < before[1].sum()
