@@ -253,3 +253,22 @@ def test_a_step_moves_probability_toward_the_rewarded_sample(one_rank, tmp_path,
     after = _sequence_logprobs(learner, group)
     assert result.metrics["logprob_gap_max"] < 1e-4 and result.metrics["is_weight_mean"] == pytest.approx(1, abs=1e-4)
     assert after[0].sum() > before[0].sum() and after[1].sum() < before[1].sum()
+
+
+def test_a_resumed_learner_refuses_every_id_that_reached_a_terminal_state(one_rank, tmp_path):
+    learner = Learner(CFG, run_dir=tmp_path, max_staleness=0)
+    trained = batch(0)
+    keep, _ = learner.admit(trained)
+    learner.train_step(keep)  # version 1
+    _, dropped = learner.admit([make_train_group("old", version=0), GroupFailed("bad", "timeout", "reward/0")])
+    assert [d.reason for d in dropped] == ["stale", "failed: timeout"]
+    learner.save_checkpoint()
+    del learner  # the crash: only the checkpoint survives
+    fresh = Learner(CFG, run_dir=tmp_path, max_staleness=0)
+    assert fresh.resume() and fresh.version == 1
+    copies = [trained[0], make_train_group("old", version=1), make_train_group("bad", version=1),
+              make_train_group("new", version=1)]
+    keep, dropped = fresh.admit(copies)
+    assert [g.scored.rollout.group.group_id for g in keep] == ["new"]
+    assert [(d.group_id, d.reason) for d in dropped] == [(trained[0].scored.rollout.group.group_id, "duplicate"),
+                                                         ("old", "duplicate"), ("bad", "duplicate")]
