@@ -17,8 +17,9 @@ Invariants:
 - Supported: Qwen3 / Qwen3-MoE / Llama-style decoders (pre-norm, rotary, optional q/k
   norm, full causal attention). MoE and unknown MLP blocks run through their own module.
 
-Failure behaviour: a config with sliding-window attention raises ``ValueError`` at
-construction (the slot cache attends to the whole prefix); nothing else is checked.
+Failure behaviour: a config with sliding-window attention or dynamic rope scaling raises
+``ValueError`` at construction (the slot cache attends to the whole prefix; rotary cos/sin
+are tabulated once for positions ``0..max_seq_len-1``); nothing else is checked.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class SlotDecoder:
         cfg = model.config
         if getattr(cfg, "use_sliding_window", False) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
             raise ValueError(f"{cfg.model_type}: sliding-window attention is not supported by the slot cache")
+        if getattr(model.model.rotary_emb, "rope_type", "default") == "dynamic":
+            raise ValueError(f"{cfg.model_type}: dynamic rope scaling is not supported (rotary tables are fixed)")
         self.model = model
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -111,11 +114,15 @@ class SlotDecoder:
         shape = (max_batch, self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        # Rotary cos/sin for every cache position, from the model's own rotary module (the
+        # same per-position arithmetic as calling it each step, without its ~10 ops).
+        with torch.inference_mode():
+            probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
+            cos, sin = model.model.rotary_emb(probe, torch.arange(max_seq_len, device=self.device)[None])
+        self.cos_table, self.sin_table = cos[0], sin[0]
 
     def _embed(self, ids: torch.Tensor, pos: torch.Tensor):
-        h = self.model.model.embed_tokens(ids)
-        cos, sin = self.model.model.rotary_emb(h, pos)
-        return h, cos[:, None], sin[:, None]
+        return self.model.model.embed_tokens(ids), self.cos_table[pos][:, None], self.sin_table[pos][:, None]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(h)).float()
