@@ -21,6 +21,7 @@ Invariants and failure behaviour:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,8 +86,9 @@ def receive_collective(group: Any, manifest: WeightManifest, src: int, device: t
     else:
         where = torch.device("cpu")
     buckets = []
-    for b in manifest.buckets:
-        buf = torch.empty(b.nbytes, dtype=torch.uint8, device=where)
-        dist.broadcast(buf, src=src, group=group)
-        buckets.append(buf)
+    with torch.cuda.device(where) if where.type == "cuda" else contextlib.nullcontext():  # per-thread device
+        for b in manifest.buckets:
+            buf = torch.empty(b.nbytes, dtype=torch.uint8, device=where)
+            dist.broadcast(buf, src=src, group=group)
+            buckets.append(buf)
     return from_buckets(manifest, buckets)
