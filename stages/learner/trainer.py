@@ -27,15 +27,15 @@ Invariants and failure behaviour:
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 import torch.distributed as dist
-
-import msgspec
 
 from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainGroup
 from schemas.stack import LearnerSection
@@ -68,8 +68,6 @@ class StepResult:
 
 def lr_lambda(cfg: LearnerConfig):
     """LR multiplier after ``k`` applied updates: linear warm-up, then constant/cosine/linear."""
-    import math
-
     def factor(k: int) -> float:
         if cfg.warmup_steps > 0 and k < cfg.warmup_steps:
             return (k + 1) / cfg.warmup_steps
