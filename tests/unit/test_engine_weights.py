@@ -11,7 +11,7 @@ from stages.model import build_model
 from stages.publisher.manifest import DigestMismatch, ManifestMismatch, pack
 from stages.rollout.engines.base import SamplingParams
 from stages.rollout.engines.torch_engine import TorchEngine
-from stages.testing import run_world
+from stages.testing import free_port
 
 SMALL_BUCKETS = 64 * 1024
 """Several buckets for the tiny model (~0.5 MB), so bucket offsets are exercised."""
@@ -136,32 +136,59 @@ async def test_ipc_update_rebuilds_the_senders_buckets():
     assert_weights(engine, params_of(new))
 
 
-def _collective_world(sender_seed: int):
-    """Rank 0 broadcasts a packed model's buckets; rank 1 is an engine receiving them."""
+def _sender(port: int, seed: int) -> None:
+    """Rank 0 of a gloo world: broadcasts a packed model's buckets (what learner rank 0 does)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    man, payload = pack(dict(build_model("tiny", seed=sender_seed).named_parameters()), 4, SMALL_BUCKETS)
-    if dist.get_rank() == 0:
-        for b in man.buckets:
-            dist.broadcast(torch.from_numpy(payload[b.offset : b.offset + b.nbytes].copy()), src=0)
-        return None
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+    man, payload = pack(dict(build_model("tiny", seed=seed).named_parameters()), 4, SMALL_BUCKETS)
+    for b in man.buckets:
+        dist.broadcast(torch.from_numpy(payload[b.offset : b.offset + b.nbytes].copy()), src=0)
+    dist.destroy_process_group()
+
+
+def _receiver(port: int, seed: int, results) -> None:
+    """Rank 1: an engine that joins through ``init_weight_transfer`` and receives."""
+    torch.set_num_threads(1)
+    man, _ = pack(dict(build_model("tiny", seed=seed).named_parameters()), 4, SMALL_BUCKETS)
 
     async def receive():
         engine = TorchEngine(build_model("tiny", seed=0), max_batch=2)
         await engine.start_weight_update(4, man)
-        assert await engine.update_weights_nccl(None, man, src=0) == []
+        try:
+            await engine.update_weights_nccl(None, man)
+            refused = ""
+        except RuntimeError as e:
+            refused = str(e)
+        await engine.init_weight_transfer("gloo", {"master_address": "127.0.0.1", "master_port": port,
+                                                   "rank": 1, "world_size": 2})
+        digests = await engine.update_weights_nccl(None, man, src=0)
         await engine.finish_weight_update(4)
         await engine.stop()
-        return engine
+        return engine, refused, digests
 
-    engine = asyncio.run(receive())
-    expected = build_model("tiny", seed=sender_seed)
-    return engine.weight_version, [n for n, p in expected.named_parameters()
-                                   if not torch.equal(p, dict(engine.model.named_parameters())[n])]
+    engine, refused, digests = asyncio.run(receive())
+    expected = dict(build_model("tiny", seed=seed).named_parameters())
+    got = dict(engine.model.named_parameters())
+    results.put((engine.weight_version, refused, digests, [n for n in expected if not torch.equal(expected[n], got[n])]))
 
 
-def test_collective_update_receives_every_bucket_from_the_sender():
-    """The NCCL path over gloo: the same broadcast calls, host buffers."""
-    _, (version, differing) = run_world(_collective_world, 2, 9, timeout=120)
-    assert version == 4 and differing == []
+def test_collective_update_through_init_weight_transfer():
+    """The NCCL path over gloo (same broadcast calls, host buffers), in two fresh processes."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_sender, args=(port, 9)), ctx.Process(target=_receiver, args=(port, 9, results))]
+    for p in procs:
+        p.start()
+    try:
+        version, refused, digests, differing = results.get(timeout=120)
+    finally:
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+    assert "call init_weight_transfer first" in refused
+    assert version == 4 and digests == [] and differing == []

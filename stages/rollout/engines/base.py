@@ -11,6 +11,7 @@ this interface                     vLLM ``AsyncLLM``
 ``abort(id | ids)``                ``abort(id | ids)``
 ``pause(mode)`` / ``resume()``     ``pause_generation(mode="keep"|"abort"|"wait")`` /
                                    ``resume_generation()``
+``init_weight_transfer(b, info)``  ``init_weight_transfer_engine(WeightTransferInitRequest)``
 ``start_weight_update(v, man)``    ``start_weight_update()`` (``v``/``man`` checked locally)
 ``update_weights_ipc/nccl(...)``   ``update_weights(WeightTransferUpdateRequest)`` whose
                                    ``update_info`` is ``names``/``dtype_names``/``shapes`` from
@@ -44,7 +45,7 @@ raises ``RuntimeError``.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -134,6 +135,12 @@ class Engine(abc.ABC):
     def paused(self) -> bool: ...
 
     @abc.abstractmethod
+    async def init_weight_transfer(self, backend: str, init_info: Mapping[str, Any]) -> None:
+        """Join the sender's process group once, before ``update_weights_nccl`` with no
+        group: ``init_info`` holds ``master_address``, ``master_port``, ``rank`` (this
+        engine's), ``world_size``. ``backend``: ``nccl`` (GPUs) or ``gloo`` (host)."""
+
+    @abc.abstractmethod
     async def start_weight_update(self, version: int, manifest: WeightManifest) -> None:
         """Check the manifest against the model (``ManifestMismatch`` names every offender;
         nothing changes) and pause at the next step boundary."""
@@ -151,8 +158,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def update_weights_nccl(self, group: Any, manifest: WeightManifest, src: int = 0) -> list[str]:
-        """Receive every bucket by ``torch.distributed.broadcast`` from rank ``src`` of
-        ``group`` (the sender broadcasts flat uint8 buckets in manifest order)."""
+        """Receive every bucket by ``torch.distributed.broadcast`` from global rank ``src``
+        over ``group`` (``None``: the group joined by ``init_weight_transfer``); the sender
+        broadcasts flat uint8 buckets in manifest order."""
 
     @abc.abstractmethod
     async def finish_weight_update(self, version: int) -> None:

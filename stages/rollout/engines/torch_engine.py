@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,6 +196,15 @@ class TorchEngine(Engine):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    async def init_weight_transfer(self, backend: str, init_info: Mapping[str, Any]) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            raise RuntimeError("this process already has a default process group: pass a group to update_weights_nccl")
+        url = f"tcp://{init_info['master_address']}:{init_info['master_port']}"
+        await asyncio.to_thread(dist.init_process_group, backend, init_method=url,
+                                rank=int(init_info["rank"]), world_size=int(init_info["world_size"]))
+
     async def start_weight_update(self, version: int, manifest: WeightManifest) -> None:
         if manifest.version != version:
             raise ValueError(f"start_weight_update({version}) with a manifest of version {manifest.version}")
@@ -215,7 +224,11 @@ class TorchEngine(Engine):
         return []
 
     async def update_weights_nccl(self, group: Any, manifest: WeightManifest, src: int = 0) -> list[str]:
+        import torch.distributed as dist
+
         self._check_updating(manifest)
+        if group is None and not dist.is_initialized():
+            raise RuntimeError("update_weights_nccl without a group: call init_weight_transfer first")
         # Blocking collective in a thread: the event loop (heartbeats, aborts) stays live.
         tensors = await asyncio.to_thread(transfer.receive_collective, group, manifest, src, self.device)
         self._load(tensors)
