@@ -125,7 +125,8 @@ class SlotDecoder:
         return self.model.model.embed_tokens(ids), self.cos_table[pos][:, None], self.sin_table[pos][:, None]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(h)).float()
+        head = self.model.lm_head
+        return F.linear(_rms(h, self.model.model.norm), head.weight, head.bias).float()
 
     @torch.inference_mode()
     def prefill(self, prompts: list[torch.Tensor], slots: list[int], owners: list[int]) -> torch.Tensor:
