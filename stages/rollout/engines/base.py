@@ -10,7 +10,8 @@ this interface                     vLLM ``AsyncLLM``
                                    with ``output_kind=FINAL_ONLY``; ``n`` children collected
 ``abort(id | ids)``                ``abort(id | ids)``
 ``pause(mode)`` / ``resume()``     ``pause_generation(mode="keep"|"abort"|"wait")`` /
-                                   ``resume_generation()``
+                                   ``resume_generation()`` (vLLM defaults to ``abort``, we
+                                   to ``keep``: pass the mode explicitly)
 ``init_weight_transfer(b, info)``  ``init_weight_transfer_engine(WeightTransferInitRequest)``
 ``start_weight_update(v, man)``    ``start_weight_update()`` (``v``/``man`` checked locally)
 ``update_weights_ipc/nccl(...)``   ``update_weights(WeightTransferUpdateRequest)`` whose
