@@ -191,8 +191,8 @@ class TorchEngine(Engine):
         check_compatible(manifest, self._params())
 
     def _load(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            load_into(self.model, {n: t.to(self.device, non_blocking=True) for n, t in tensors.items()})
+        # copy_ moves across devices and casts dtype one tensor at a time (no second model copy).
+        load_into(self.model, tensors)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
