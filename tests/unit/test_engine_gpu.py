@@ -48,6 +48,18 @@ async def test_cuda_engine_logprobs_equal_teacher_forced_with_requests_in_flight
             assert np.max(np.abs(ref - np.array(c.logprobs))) <= 1e-4
 
 
+async def test_shm_payload_loads_into_a_cuda_bf16_engine():
+    engine = TorchEngine("tiny", device="cuda", dtype="bfloat16", max_batch=2)
+    man, payload = pack(dict(build_model("tiny", seed=13).named_parameters()), 2, BUCKET_BYTES)
+    await engine.start_weight_update(2, man)
+    assert await engine.update_weights_shm(payload, man) == [b.digest for b in man.buckets]
+    await engine.finish_weight_update(2)
+    [c] = await engine.generate("r", np.array([1, 5]), SamplingParams(max_tokens=4, seed=0))
+    await engine.stop()
+    assert len(c.token_ids) == 4 and c.version_spans == [(0, 2)]
+    assert _differing(engine, build_model("tiny", seed=13).to(torch.bfloat16)) == []
+
+
 def _ipc_sender(handles_q, done_q, seed):
     """Another process: packs a model into CUDA buckets and hands out IPC handles of them."""
     from torch.multiprocessing.reductions import reduce_tensor

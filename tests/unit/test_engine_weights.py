@@ -77,6 +77,18 @@ async def test_tokens_after_an_update_come_from_the_new_weights():
     assert c.version_spans == [(0, 1)] and np.max(np.abs(np.array(ref) - c.logprobs)) <= 1e-4
 
 
+async def test_fp32_payload_loads_into_a_bf16_engine():
+    engine = TorchEngine("tiny", dtype="bfloat16", max_batch=2)
+    man, payload = pack(dict(build_model("tiny", seed=14).named_parameters()), 1)
+    await engine.start_weight_update(1, man)
+    await engine.update_weights_shm(payload, man)
+    await engine.finish_weight_update(1)
+    [c] = await engine.generate("r", np.array([1, 5]), SamplingParams(max_tokens=4, seed=0))
+    await engine.stop()
+    assert len(c.token_ids) == 4 and c.version_spans == [(0, 1)]
+    assert_weights(engine, params_of(build_model("tiny", seed=14).to(torch.bfloat16)))
+
+
 async def test_mismatched_manifest_is_refused_with_names_and_old_weights_kept():
     engine = TorchEngine(build_model("tiny", seed=0), max_batch=4)
     before = params_of(engine.model)
