@@ -135,11 +135,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def paused(self) -> bool: ...
 
-    @abc.abstractmethod
     async def init_weight_transfer(self, backend: str, init_info: Mapping[str, Any]) -> None:
-        """Join the sender's process group once, before ``update_weights_nccl`` with no
-        group: ``init_info`` holds ``master_address``, ``master_port``, ``rank`` (this
-        engine's), ``world_size``. ``backend``: ``nccl`` (GPUs) or ``gloo`` (host)."""
+        """Optional: join the sender's process group once, before ``update_weights_nccl``
+        with no group: ``init_info`` holds ``master_address``, ``master_port``, ``rank`` (this
+        engine's), ``world_size``; ``backend``: ``nccl`` (GPUs) or ``gloo`` (host). Engines
+        that join through the ``group`` argument of ``update_weights_nccl`` keep this default."""
+        raise RuntimeError(f"{type(self).__name__} joins weight-transfer groups through update_weights_nccl(group=...)")
 
     @abc.abstractmethod
     async def start_weight_update(self, version: int, manifest: WeightManifest) -> None:
