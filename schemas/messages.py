@@ -150,6 +150,10 @@ class Progress(msgspec.Struct, tag="progress", array_like=True, gc=False):
     """Group ids trained on in this step."""
     dropped: list[DroppedGroup] = []
     """Group ids that reached a terminal state other than trained in this step."""
+    checkpoint_step: int = -1
+    """Step of the learner's newest complete checkpoint (-1: none yet). Groups consumed at
+    later steps are lost if the learner restarts (it resumes from that checkpoint), so the
+    source keeps them until a checkpoint covers them and reissues them on a rollback."""
 
 
 class WeightsReady(msgspec.Struct, tag="weights_ready", array_like=True, gc=False):

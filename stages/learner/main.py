@@ -56,7 +56,7 @@ async def run(ctx: StageContext) -> None:
         progress = ctx.publisher("progress")
         offers = transport.push(ctx.endpoints["publish"], bind=False, sender=ctx.name, name="publish")
         ctx._channels.append(offers)
-        await progress.send(Progress(learner.step, learner.version, [], []))
+        await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step))
 
     async def stage_weights() -> None:
         params = await asyncio.to_thread(learner.full_parameters, engine_dtype)  # collective
@@ -81,7 +81,7 @@ async def run(ctx: StageContext) -> None:
                 keep += k
                 if d:  # report terminal drops promptly: the source returns their credit
                     learner.record_dropped(d)
-                    await progress.send(Progress(learner.step, learner.version, [], list(d)))
+                    await progress.send(Progress(learner.step, learner.version, [], list(d), learner.checkpoint_step))
         return StepBatch(keep)
 
     try:
@@ -94,8 +94,6 @@ async def run(ctx: StageContext) -> None:
             result = await asyncio.to_thread(learner.train_step, batch.groups)
             if result.step % s.publisher.every_steps == 0 and not result.skipped:
                 await stage_weights()
-            if s.learner.checkpoint_every and result.step % s.learner.checkpoint_every == 0:
-                await asyncio.to_thread(learner.save_checkpoint)
             ctx.weight_version = learner.version
             ctx.processed += len(batch.groups)
             ctx.in_flight = 0
@@ -108,11 +106,18 @@ async def run(ctx: StageContext) -> None:
                                dropped_duplicate=float(learner.dropped_counts["duplicate"]),
                                dropped_failed=float(learner.dropped_counts["failed"]))
                 last_step_at = now
-                await progress.send(Progress(result.step, result.version, result.consumed_ids, []))
+                await progress.send(Progress(result.step, result.version, result.consumed_ids, [],
+                                             learner.checkpoint_step))
                 await ctx.metrics(result.step, metrics)
                 ctx.log.info("step", step=result.step, version=result.version, skipped=result.skipped,
                              reward_mean=round(metrics["reward_mean"], 4), loss=round(metrics["loss"], 5))
+            if s.learner.checkpoint_every and result.step % s.learner.checkpoint_every == 0:
+                await asyncio.to_thread(learner.save_checkpoint)  # collective
+                if rank == 0:  # the source may now forget groups this checkpoint covers
+                    await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step))
         await asyncio.to_thread(learner.save_checkpoint)
+        if rank == 0:
+            await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step))
         ctx.log.info("learner drained", step=learner.step, version=learner.version)
     finally:
         if writer is not None:

@@ -19,6 +19,8 @@ Invariants and failure behaviour:
   checkpoint with every other terminal id, so a resumed learner still refuses duplicates,
   and a group dropped as stale is never trained later from another copy. ``resume``
   appends a ``{"resumed": step}`` line: steps logged after that checkpoint were rolled back.
+  ``checkpoint_step`` (newest complete checkpoint) rides on every ``Progress`` so the source
+  keeps groups consumed after it and reissues them when the learner rolls back to it.
 - Every rank must call ``train_step``/``save_checkpoint``/``resume``/``full_state_dict``
   with the same arguments in the same order (they are collectives); ``admit`` is rank-0
   logic and needs no peers.
@@ -61,9 +63,9 @@ class StepResult:
     consumed_ids: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
 
-    def progress(self, dropped: list[DroppedGroup] | None = None) -> Progress:
+    def progress(self, dropped: list[DroppedGroup] | None = None, checkpoint_step: int = -1) -> Progress:
         """The Progress message announcing this step (consumed ids; drops, if any, ride along)."""
-        return Progress(self.step, self.version, list(self.consumed_ids), list(dropped or []))
+        return Progress(self.step, self.version, list(self.consumed_ids), list(dropped or []), checkpoint_step)
 
 
 def lr_lambda(cfg: LearnerConfig):
@@ -118,6 +120,8 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
         self.version = 0
+        self.checkpoint_step = -1
+        """Step of the newest complete checkpoint written or resumed (-1: none)."""
         self.consumed: set[str] = set()
         self.terminal: set[str] = set()
         """Ids that reached a terminal state (trained, or dropped as stale/failed): any later
@@ -253,8 +257,10 @@ class Learner:
 
     def save_checkpoint(self) -> Path:
         """Collective DCP save of model, optimizer, scheduler, step, version, consumed ids."""
-        return ckpt.save(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
+        path = ckpt.save(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
                          self.trainer_state(), self.cfg.keep_last)
+        self.checkpoint_step = self.step
+        return path
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint if there is one (collective); False if none."""
@@ -263,6 +269,7 @@ class Learner:
             return False
         state = ckpt.load(path, self.model, self.optimizer)
         self.step, self.version = state["step"], state["version"]
+        self.checkpoint_step = self.step
         self.scheduler.load_state_dict(state["scheduler"])
         self.consumed = set(state["consumed"])
         self.terminal = set(state.get("terminal", state["consumed"]))

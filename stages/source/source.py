@@ -28,11 +28,20 @@ expires is abandoned: it leaves the outstanding set (returning its credit) and a
 so it still reaches a terminal state.
 
 Terminal marking: ``on_progress`` removes ids listed as consumed or dropped; ids it does
-not know (duplicates, late copies, abandoned groups) are ignored.
+not know (duplicates, late copies, abandoned groups) are ignored, and so are drops of a
+copy as ``duplicate`` (the other copy, possibly in the same step, carries the group's state).
+
+Learner rollback: a group consumed at step ``s`` returns its credit at once, but stays in
+``undurable`` until a ``Progress`` reports ``checkpoint_step >= s``. When the learner's step
+goes backwards (it restarted from its newest checkpoint ``c``), every undurable group
+consumed after ``c`` (the ``checkpoint_step`` the restarted learner reports) was rolled back
+with the model: it returns to ``outstanding`` and is
+reissued (reason ``rollback``; not counted against ``max_attempts``), so it is trained
+again exactly once in the model that survives.
 
 Issue log: every issue (fresh or reissue) appends one JSON line to ``<run_dir>/issued.jsonl``
 before the group is returned: ``{"group_id", "attempt", "time", "issued_version",
-"cursor", "reason"}`` with ``reason`` in ``fresh``/``lease``/``restart``. The file is
+"cursor", "reason"}`` with ``reason`` in ``fresh``/``lease``/``restart``/``rollback``. The file is
 append-only and flushed per line; a source restored from an older state can log the same
 ``group_id`` (attempt 0) twice, so consumers key on ``group_id``.
 
@@ -70,6 +79,8 @@ STATE_FORMAT = 1
 """Version of the ``state_dict`` layout; bumped when its keys change."""
 
 ISSUED_LOG_NAME = "issued.jsonl"
+DUPLICATE_REASON = "duplicate"
+"""The learner's drop reason for a second copy of a group (``DroppedGroup.reason``)."""
 
 
 class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -153,11 +164,16 @@ class PromptSource:
         self.cursor = 0
         self.learner_version = 0
         self.outstanding: dict[str, OutstandingGroup] = {}
+        self.undurable: dict[str, tuple[int, OutstandingGroup]] = {}
+        """Consumed groups a learner rollback would lose: id → (step consumed, entry)."""
+        self.learner_step = 0
         self._prompt_ids: dict[str, np.ndarray] = {}
         self._failed: list[GroupFailed] = []
+        self._rolled_back: set[str] = set()
+        """Outstanding groups due for a ``rollback`` reissue at the next ``poll``."""
         self.counters: dict[str, int] = {
             "issued_fresh": 0, "reissued_lease": 0, "reissued_restart": 0, "consumed": 0,
-            "dropped": 0, "abandoned": 0, "prompts_with_unknown_tokens": 0,
+            "dropped": 0, "reissued_rollback": 0, "abandoned": 0, "prompts_with_unknown_tokens": 0,
             "bad_dataset_rows": len(self.bad_rows),
         }
 
@@ -184,6 +200,11 @@ class PromptSource:
         """Groups to send now: reissues of expired leases first, then fresh groups up to credit."""
         now = self._clock() if now is None else now
         out: list[PromptGroup] = []
+        for group_id in sorted(self._rolled_back):
+            entry = self.outstanding.get(group_id)
+            if entry is not None:
+                out.append(self._reissue(entry, now, "rollback", count_attempt=False))
+        self._rolled_back.clear()
         for entry in list(self.outstanding.values()):
             if now - entry.issued_at >= self.config.lease_seconds:
                 group = self._reissue(entry, now, "lease")
@@ -216,12 +237,36 @@ class PromptSource:
         ``progress.version`` is taken as is, even if lower than before: a learner restarted
         from an older checkpoint really is at that version again."""
         self.learner_version = progress.version
+        if progress.step < self.learner_step:
+            # The learner restarted from its newest checkpoint. Its first Progress may be
+            # missed (the restarted publisher's first sends can precede our re-subscription),
+            # so the rollback point is the checkpoint it reports, not this step.
+            self._roll_back(progress.checkpoint_step)
+        self.learner_step = progress.step
         for group_id in progress.consumed_ids:
+            entry = self.outstanding.get(group_id)
             if self._forget(group_id):
                 self.counters["consumed"] += 1
+                if progress.step > progress.checkpoint_step:
+                    self.undurable[group_id] = (progress.step, entry)
         for dropped in progress.dropped:
+            if dropped.reason == DUPLICATE_REASON:
+                continue  # another copy of the group carries its terminal state (consumed or dropped)
             if self._forget(dropped.group_id):
                 self.counters["dropped"] += 1
+        if progress.checkpoint_step >= 0:
+            for group_id, (step, _) in list(self.undurable.items()):
+                if step <= progress.checkpoint_step:
+                    del self.undurable[group_id]
+
+    def _roll_back(self, step: int) -> None:
+        """The learner restarted at ``step``: groups consumed after it go back to outstanding,
+        due for reissue at the next ``poll`` (their lease is made to expire now)."""
+        for group_id, (consumed_at, entry) in list(self.undurable.items()):
+            if consumed_at > step:
+                del self.undurable[group_id]
+                self.outstanding[group_id] = entry
+                self._rolled_back.add(group_id)
 
     def on_weights_ready(self, version: int) -> None:
         """A newer live version (from ``WeightsReady``) also advances the learner version
@@ -240,6 +285,9 @@ class PromptSource:
             "cursor": self.cursor,
             "learner_version": self.learner_version,
             "outstanding": [vars(entry).copy() for entry in self.outstanding.values()],
+            "learner_step": self.learner_step,
+            "undurable": [[step, vars(entry).copy()] for step, entry in self.undurable.values()],
+            "rolled_back": sorted(self._rolled_back),
             "counters": dict(self.counters),
         }
 
@@ -258,6 +306,12 @@ class PromptSource:
         for raw in state["outstanding"]:
             entry = OutstandingGroup(**raw)
             self.outstanding[entry.group_id] = entry
+        self.learner_step = int(state.get("learner_step", 0))
+        self.undurable = {}
+        for step, raw in state.get("undurable", []):
+            entry = OutstandingGroup(**raw)
+            self.undurable[entry.group_id] = (int(step), entry)
+        self._rolled_back = set(state.get("rolled_back", [])) & set(self.outstanding)
         self.counters.update(state.get("counters", {}))
         if self._rows is None:
             self._task_prompts = resolve_task(self.config.task).prompts(self.config.seed)
@@ -305,8 +359,9 @@ class PromptSource:
         self.counters["issued_fresh"] += 1
         return self._emit(entry, "fresh")
 
-    def _reissue(self, entry: OutstandingGroup, now: float, reason: str) -> PromptGroup | None:
-        if entry.attempt + 1 >= self.config.max_attempts:
+    def _reissue(self, entry: OutstandingGroup, now: float, reason: str,
+                 count_attempt: bool = True) -> PromptGroup | None:
+        if count_attempt and entry.attempt + 1 >= self.config.max_attempts:
             self._forget(entry.group_id)
             self.counters["abandoned"] += 1
             self._failed.append(GroupFailed(

@@ -37,14 +37,14 @@ def last_step(run_dir: Path) -> int:
     return rows[-1]["step"] if rows else 0
 
 
-async def test_kill_rollout_reward_logprob_then_every_group_has_one_terminal_state(tmp_path):
+async def test_kill_rollout_reward_logprob_learner_then_every_group_has_one_terminal_state(tmp_path):
     run_dir = tmp_path / "run"
     sup = Supervisor(small_stack(run_dir), run_dir, shutdown_timeout=20.0)
     killed = []
 
     async def scenario(sup):
         await wait_until(lambda: last_step(run_dir) >= 3, 120, "first steps")
-        for name in ("rollout/0", "reward/0", "logprob/0"):
+        for name in ("rollout/0", "reward/0", "logprob/0", "learner/0"):
             victim = sup.pids()[name]
             os.kill(victim, signal.SIGKILL)
             killed.append(name)
@@ -54,9 +54,15 @@ async def test_kill_rollout_reward_logprob_then_every_group_has_one_terminal_sta
         sup.stop.set()
 
     assert await sup.run(on_tick=scenario) == 0
-    assert killed == ["rollout/0", "reward/0", "logprob/0"]
+    assert killed == ["rollout/0", "reward/0", "logprob/0", "learner/0"]
     issued = {r["group_id"] for r in jsonl(run_dir / "issued.jsonl")}
-    trained = collections.Counter(g for r in jsonl(run_dir / "consumed.jsonl") for g in r.get("consumed", []))
+    kept = []  # (step, ids) of steps the surviving model holds: a resume rolls back later steps
+    for r in jsonl(run_dir / "consumed.jsonl"):
+        if "resumed" in r:
+            kept = [(step, ids) for step, ids in kept if step <= r["resumed"]]
+        elif r.get("consumed"):
+            kept.append((r["step"], r["consumed"]))
+    trained = collections.Counter(g for _, ids in kept for g in ids)
     dropped = collections.defaultdict(list)
     for r in jsonl(run_dir / "consumed.jsonl"):
         for g, why in r.get("dropped", []):

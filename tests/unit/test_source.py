@@ -64,6 +64,15 @@ def test_dropped_groups_return_their_credit(tmp_path):
     assert source.counters["consumed"] == 1 and source.counters["dropped"] == 1
 
 
+def test_a_duplicate_copy_dropped_leaves_the_group_outstanding(tmp_path):
+    source = make_source(tmp_path)
+    groups = source.poll()
+    source.on_progress(Progress(0, 0, [], [DroppedGroup(groups[0].group_id, "duplicate")]))
+    assert groups[0].group_id in source.outstanding and source.credit() == 0
+    source.on_progress(Progress(1, 1, [groups[0].group_id]))  # the other copy trained
+    assert groups[0].group_id not in source.outstanding and source.counters["dropped"] == 0
+
+
 def test_reissues_a_group_whose_lease_expired_with_same_id_and_next_attempt(tmp_path):
     clock = FakeClock()
     source = make_source(tmp_path, clock=clock)
@@ -106,6 +115,42 @@ def test_reissue_all_outstanding_after_a_downstream_restart(tmp_path):
     assert [g.group_id for g in again] == [g.group_id for g in groups]
     assert all(g.attempt == 1 for g in again)
     assert [line["reason"] for line in read_issued(tmp_path)] == ["fresh"] * 4 + ["restart"] * 4
+
+
+def test_groups_trained_after_the_last_checkpoint_are_reissued_when_the_learner_rolls_back(tmp_path):
+    source = make_source(tmp_path, lease_seconds=1e9, max_attempts=1)
+    trained = {}
+    for step in (1, 2, 3):
+        groups = source.poll()
+        batch = [g.group_id for g in groups[:2]]
+        trained[step] = batch
+        # checkpoint at step 1 (reported with step 1's progress, as the learner shell does)
+        source.on_progress(Progress(step, step, batch, [], checkpoint_step=1))
+    assert set(source.undurable) == set(trained[2] + trained[3])  # step 1 is covered
+    assert source.credit() == 2  # consumed groups return their credit at once
+    source.on_progress(Progress(1, 1, [], [], checkpoint_step=1))  # restarted from step 1
+    again = {g.group_id: g for g in source.poll()}
+    rolled = [line["group_id"] for line in read_issued(tmp_path) if line["reason"] == "rollback"]
+    assert sorted(rolled) == sorted(trained[2] + trained[3])
+    rolled = [again[g] for g in rolled]
+    assert all(g.attempt == 1 for g in rolled)  # max_attempts=1 yet not abandoned
+    assert source.take_failed() == [] and not source.undurable
+    state = source.state_dict()
+    source.on_progress(Progress(2, 2, trained[2], [], checkpoint_step=2))
+    assert set(source.undurable) == set() and source.learner_step == 2
+    restored = make_source(tmp_path / "r", lease_seconds=1e9, max_attempts=1)
+    restored.load_state_dict(state)
+    assert restored.learner_step == 1 and set(restored.outstanding) >= set(trained[2] + trained[3])
+
+
+def test_undurable_groups_survive_a_source_restart(tmp_path):
+    source = make_source(tmp_path, lease_seconds=1e9)
+    groups = source.poll()
+    source.on_progress(Progress(1, 1, [groups[0].group_id], []))  # no checkpoint yet
+    restored = make_source(tmp_path / "r", lease_seconds=1e9)
+    restored.load_state_dict(json.loads(json.dumps(source.state_dict())))
+    restored.on_progress(Progress(0, 0, [], []))  # learner restarted with no checkpoint
+    assert groups[0].group_id in {g.group_id for g in restored.poll()}
 
 
 def test_issued_jsonl_records_every_issue(tmp_path):
