@@ -28,8 +28,16 @@ FIRST_OFFER_WAIT_S = 2.0
 (seeded) weights: long enough for the snapshot to arrive, short enough not to matter."""
 
 
-def build_engine(ctx: StageContext) -> TorchEngine:
+def build_engine(ctx: StageContext):
+    """The engine the stack names: ``torch`` (built-in) or ``vllm`` (GPU; ``rollout.device``
+    ``cuda:N`` narrows this process to GPU N before vLLM starts, so its engine core runs there)."""
     s = ctx.stack
+    if s.rollout.engine == "vllm":
+        from stages.rollout.engines.vllm_engine import VllmEngine, pin_cuda_device
+
+        pin_cuda_device(s.rollout.device)
+        return VllmEngine(s.model.name, dtype=s.model.dtype, seed=s.run.seed, max_num_seqs=s.rollout.max_batch,
+                          gpu_memory_utilization=s.rollout.gpu_memory_utilization)
     return TorchEngine(s.model.name, device=s.rollout.device, dtype=s.model.dtype,
                        max_batch=s.rollout.max_batch, seed=s.run.seed, sampling_seed=s.run.seed * 1000 + ctx.replica)
 

@@ -7,6 +7,8 @@ plan is checked against the real engine by digests (``test_vllm_engine``).
 
 from __future__ import annotations
 
+import os
+
 import msgspec
 import pytest
 import torch
@@ -184,3 +186,21 @@ def test_plain_wire_types_round_trip_and_layout_key_ignores_version():
     state = _state()
     assert layout_key(plan(state, 1)) == layout_key(plan(state, 9))
     assert layout_key(plan(state, 1)) != layout_key(plan(state, 1, bucket_bytes=64 << 10))
+
+
+def test_pin_cuda_device_narrows_visibility(monkeypatch):
+    from stages.rollout.engines.vllm_engine import pin_cuda_device
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    pin_cuda_device("cuda")
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    pin_cuda_device("cuda:1")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    pin_cuda_device("cuda:1")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6"
+    with pytest.raises(ValueError, match="has no device 3"):
+        pin_cuda_device("cuda:3")
+    with pytest.raises(ValueError, match="needs a cuda device"):
+        pin_cuda_device("cpu")

@@ -54,7 +54,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +103,25 @@ def write_model_dir(name: str, dtype: str) -> str:
     path = Path(tempfile.mkdtemp(prefix=f"conveyor-vllm-{name}-"))
     (path / "config.json").write_text(json.dumps(d, indent=1))
     return str(path)
+
+
+def pin_cuda_device(device: str) -> None:
+    """Make ``cuda:N`` the only GPU this process (and vLLM's engine core, spawned from it)
+    sees, by narrowing ``CUDA_VISIBLE_DEVICES``; ``cuda`` / ``cuda:0`` with nothing set leaves
+    everything as is. Must run before CUDA is initialised in this process (``ValueError``
+    otherwise, and for a device index the current visibility does not have)."""
+    if not device.startswith("cuda"):
+        raise ValueError(f"rollout.device={device!r}: the vllm engine needs a cuda device")
+    index = int(device.partition(":")[2] or 0)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None and index == 0:
+        return
+    if torch.cuda.is_initialized():
+        raise ValueError(f"rollout.device={device!r}: CUDA is already initialised in this process")
+    ids = visible.split(",") if visible is not None else [str(i) for i in range(index + 1)]
+    if index >= len(ids):
+        raise ValueError(f"rollout.device={device!r}: CUDA_VISIBLE_DEVICES={visible!r} has no device {index}")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[index]
 
 
 class CudaBuckets:

@@ -418,6 +418,21 @@ class ConveyorWorkerExtension:
             buckets.append(buf)
         return self._conveyor_load(manifest, bucket_views(manifest, buckets), digests)
 
+    def conveyor_nccl_raw(self, sizes: list[int], reps: int, src: int = 0) -> int:
+        """Benchmark baseline: receive ``reps`` rounds of broadcasts of ``sizes`` bytes into
+        reused buffers, loading nothing (the bytes alone over the same communicator)."""
+        st = self._conveyor()
+        if st["nccl"] is None:
+            raise RuntimeError("conveyor_nccl_raw before the NCCL group was joined (conveyor_nccl_init)")
+        device = torch.device("cuda", torch.cuda.current_device())
+        bufs = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+        stream = torch.cuda.current_stream()
+        for _ in range(reps):
+            for b in bufs:
+                st["nccl"].broadcast(b, src=src, stream=stream)
+        stream.synchronize()
+        return reps
+
     def conveyor_finish(self, version: int) -> int:
         st = self._conveyor()
         st["version"] = int(version)

@@ -1,0 +1,96 @@
+"""The GPU stack (``ops/gpu.toml``: vLLM + learner on one GPU) for N steps: async against sync.
+
+    python ops/bench/gpu_stack.py [--stack ops/gpu.toml] [--steps 20] [--timeout 240]
+
+Needs CUDA and vLLM. Two real ``pipeline up`` runs (every stage a process) of the same stack
+and seed, differing only in ``run.max_staleness``: 0 (the source issues one step's worth of
+groups and waits for the learner: synchronous RL) and 2 (up to three steps in flight).
+samples/s = completions trained between the first and the last step / wall time between them
+(start-up, i.e. vLLM's start and the learner's build, excluded). Each run is bounded by
+``--timeout`` seconds; a run that does not finish reports how many steps it made. Last line:
+
+    bench gpu_stack: sync_samples_per_s=A async_samples_per_s=B speedup=S steps=N stack=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_stack(base: dict, staleness: int, path: Path) -> Path:
+    lines = []
+    for section, values in base.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if section == "run" and k == "max_staleness":
+                v = staleness
+            lines.append(f"{k} = {json.dumps(v)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(stack: Path, run_dir: Path, steps: int, timeout: float, per_step: int) -> dict:
+    cmd = [sys.executable, "-m", "pipeline.cli", "up", str(stack), "--max-steps", str(steps), "--run-dir", str(run_dir)]
+    t0 = time.time()
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        out, _ = p.communicate()
+        rc = "timeout"
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    rows = [r for r in rows if "step" in r and "time" in r][:steps]
+    res = {"rc": rc, "steps": len(rows), "wall_s": time.time() - t0}
+    if len(rows) >= 2:
+        elapsed = rows[-1]["time"] - rows[0]["time"]
+        res.update(samples_per_s=sum(r.get("samples", per_step) for r in rows[1:]) / elapsed, seconds=elapsed,
+                   first_step_after_s=rows[0]["time"] - t0,
+                   staleness_mean=sum(r.get("staleness_mean", 0.0) for r in rows) / len(rows))
+    if rc != 0 or len(rows) < 2:
+        res["tail"] = out[-3000:]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stack", default=str(ROOT / "ops" / "gpu.toml"))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per run at most")
+    a = ap.parse_args()
+    base = tomllib.loads(Path(a.stack).read_text())
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-stack-") as tmp:
+        for staleness in (0, 2):
+            run_dir = Path(tmp) / f"s{staleness}"
+            stack = write_stack(base, staleness, Path(tmp) / f"stack-s{staleness}.toml")
+            per_step = base["learner"].get("groups_per_step", 8) * base["source"].get("group_size", 8)
+            r = out[staleness] = run(stack, run_dir, a.steps, a.timeout, per_step)
+            if "tail" in r:
+                print(r.pop("tail"))
+            print(f"max_staleness={staleness}: " + json.dumps(r), flush=True)
+    s, x = out[0], out[2]
+    if "samples_per_s" in s and "samples_per_s" in x:
+        print(f"bench gpu_stack: sync_samples_per_s={s['samples_per_s']:.1f} async_samples_per_s={x['samples_per_s']:.1f} "
+              f"speedup={x['samples_per_s'] / s['samples_per_s']:.2f} steps={a.steps} stack={Path(a.stack).name}")
+    else:
+        print(f"bench gpu_stack: FAILED sync_steps={s['steps']} async_steps={x['steps']} "
+              f"sync_rc={s['rc']} async_rc={x['rc']} stack={Path(a.stack).name}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
