@@ -53,3 +53,42 @@ def test_corrupted_bucket_is_refused():
     payload[-70] ^= 1
     with pytest.raises(DigestMismatch, match=r"bucket\(s\) \[1\]"):
         unpack(man, payload)
+
+
+def c1_by_definition(words) -> str:
+    mask = (1 << 64) - 1
+    s = sum(int(w) for w in words) & mask
+    w = sum((i + 1) * int(x) for i, x in enumerate(words)) & mask
+    return f"c1:{s:016x}{w:016x}"
+
+
+def test_c1_digest_matches_its_definition_on_host_and_torch():
+    import numpy as np
+
+    from stages.publisher.manifest import c1_digests_torch, compute_digests
+
+    state = {"a": torch.randn(3, 5), "b": torch.randn(1001).to(torch.bfloat16), "c": torch.randn(1024 * 40 + 3),
+             "d": torch.arange(3, dtype=torch.int16)}
+    man, payload = pack(state, 1, bucket_bytes=4096)
+    assert len(man.buckets) == 2
+    for b in man.buckets:  # padding is zero in a packed payload, so whole-bucket words match
+        assert b.digest == c1_by_definition(payload[b.offset : b.offset + b.nbytes].view(np.uint64))
+    buckets = [torch.from_numpy(payload[b.offset : b.offset + b.nbytes].copy()) for b in man.buckets]
+    assert c1_digests_torch(man, buckets) == compute_digests(man, buckets) == [b.digest for b in man.buckets]
+
+
+def test_c1_digest_sees_swapped_words_and_ignores_padding_garbage():
+    import numpy as np
+
+    from stages.publisher.manifest import bucket_digests
+
+    man, payload = pack({"a": torch.randn(5000), "b": torch.randn(3)}, 1)
+    swapped = payload.copy()
+    w = swapped.view(np.uint64)
+    w[[10, 1500]] = w[[1500, 10]]
+    assert bucket_digests(man, swapped) != bucket_digests(man, payload)
+    gap = man.entries[0].offset + man.entries[0].nbytes
+    assert man.entries[1].offset > gap
+    garbage = payload.copy()
+    garbage[gap] = 7  # between entries: not part of any tensor
+    assert bucket_digests(man, garbage) == bucket_digests(man, payload)

@@ -1,11 +1,12 @@
 """Shared-memory weight slots: bit-exact, double-buffered, never torn."""
 
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from stages.publisher.shm import ShmWeightReader, ShmWeightWriter, TornRead, remove_run_slots
+from stages.publisher.shm import SHM_DIR, ShmWeightReader, ShmWeightWriter, TornRead, remove_run_slots
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def test_double_buffer_keeps_previous_version_readable(writer):
 
 def test_reader_detects_a_write_in_progress(writer):
     path = writer.write(4, [np.zeros(8, np.uint8)], 8)
-    mm = writer._maps[0][1]
+    mm = writer._slots[0].mm
     seq = struct.unpack_from("<Q", mm, 0)[0]
     struct.pack_into("<Q", mm, 0, seq + 1)  # a writer is mid-copy
     with pytest.raises(TornRead):
@@ -54,3 +55,44 @@ def test_growing_a_slot_moves_it_and_old_mapping_stays_consistent(writer):
     big = writer.write(4, [np.full(1 << 20, 9, np.uint8)], 1 << 20)
     assert big != small
     assert (r.read(big, 4) == 9).all()
+
+
+def test_a_slot_held_by_a_reader_is_never_overwritten(writer):
+    p1 = writer.write(1, [np.full(64, 1, np.uint8)], 64)
+    writer.write(2, [np.full(64, 2, np.uint8)], 64)
+    r = ShmWeightReader()
+    with r.view(p1, 1) as held:  # an engine loading version 1 while version 3 is written
+        p3 = writer.write(3, [np.full(64, 3, np.uint8)], 64)
+        assert p3 != p1 and writer.replaced == 1 and (held == 1).all()
+    assert (r.read(p3, 3) == 3).all()
+    with pytest.raises(OSError):
+        r.read(p1, 1)  # the replaced name is gone
+    r.close()
+
+
+def test_a_write_that_fails_midway_leaves_the_slot_unreadable(writer):
+    path = writer.write(2, [np.full(32, 2, np.uint8)], 32)
+    with pytest.raises(RuntimeError):
+        with writer.slot(4, 32) as dst:
+            dst[:16] = 4
+            raise RuntimeError("writer died")
+    with pytest.raises(TornRead, match="seq"):
+        ShmWeightReader().read(path, 4)
+    assert (ShmWeightReader().read(writer.write(4, [np.full(32, 4, np.uint8)], 32), 4) == 4).all()
+
+
+def test_a_restarted_writer_leaves_old_mappings_intact_and_removes_old_files(writer):
+    old = writer.write(1, [np.full(64, 1, np.uint8)], 64)
+    r = ShmWeightReader()
+    assert (r.read(old, 1) == 1).all()
+    again = ShmWeightWriter(writer.run_id)  # the learner restarted (the old one never closed)
+    try:
+        new = again.write(3, [np.full(64, 3, np.uint8)], 64)
+        assert new != old and not Path(old).exists()
+        assert sorted(SHM_DIR.glob(f"conveyor-{writer.run_id}-w*")) == [Path(new)]
+        assert (r.read(new, 3) == 3).all()
+        with pytest.raises(OSError):
+            r.read(old, 1)
+    finally:
+        again.close()
+        r.close()
