@@ -9,7 +9,8 @@ Names (every stage finds its sockets by these):
 - ``telemetry``: supervisor PULL for heartbeats and metrics; ``supervisor``: ROUTER for
   ``pipeline status``/``scale``; ``learner.dist``: torch.distributed rendezvous (tcp);
   ``publish``: the publisher's PULL for ``WeightsOffer`` (learner) and ``WeightsLoaded``
-  (engines).
+  (engines); ``weights.dist``: the rendezvous store of the ``nccl`` weight group (served
+  by learner rank 0, tcp).
 
 Invariants: addresses given in the stack's ``[addresses]`` win; the rest are free ports on
 ``run.bind_host`` at assignment time. A restarted stack reuses ``endpoints.json`` only if
@@ -36,7 +37,7 @@ def names() -> list[str]:
         out += [f"{s}.front", f"{s}.back"]
     for b in BROADCASTS:
         out += [b, f"{b}.sync"]
-    return out + ["telemetry", "supervisor", "learner.dist", "publish"]
+    return out + ["telemetry", "supervisor", "learner.dist", "publish", "weights.dist"]
 
 
 def _free_port(host: str) -> int:

@@ -24,7 +24,8 @@ Invariants and failure behaviour:
   ``DRAIN_SHARE`` of it, SHUTDOWN, SIGTERM, then SIGKILL at the deadline, each by pid. A
   second SIGINT/SIGTERM skips the rest of the drain wait.
 - ``metrics.jsonl`` gets one line per Metrics message from ``learner/0``: its values plus
-  ``step`` and ``time``.
+  ``step`` and ``time``, plus the newest values any other stage sent (e.g. the publisher's
+  ``canary_gap_max``, ``weights_publish_s``) where the learner has no value of that name.
 """
 
 from __future__ import annotations
@@ -153,6 +154,8 @@ class Supervisor:
         self.failure: str | None = None
         self.step = 0
         self.last_metrics: dict[str, float] = {}
+        self.stage_metrics: dict[str, float] = {}
+        """Newest value of every figure other stages sent (merged into ``metrics.jsonl`` rows)."""
         self.brokers: dict[str, WorkBroker] = {}
         self.endpoints: dict[str, str] = {}
         self.threads_per_process = max(1, (os.cpu_count() or 1) // max(1, sum(self.desired.values())))
@@ -342,10 +345,13 @@ class Supervisor:
                 self.step = msg.step
                 self.last_metrics = msg.values
                 with open(metrics_path, "a") as f:
-                    f.write(json.dumps({**msg.values, "step": msg.step, "time": time.time()}) + "\n")
+                    f.write(json.dumps({**self.stage_metrics, **msg.values, "step": msg.step,
+                                        "time": time.time()}) + "\n")
                 if self.max_steps is not None and msg.step >= self.max_steps and not self.stop.is_set():
                     log.info("max steps reached", step=msg.step)
                     self.stop.set()
+            elif isinstance(msg, Metrics):
+                self.stage_metrics.update(msg.values)
 
     def _on_signal(self, signame: str) -> None:
         if self.stop.is_set():

@@ -20,7 +20,7 @@ from typing import Union
 import msgspec
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bumped whenever a field is appended to any message below."""
 
 
@@ -333,6 +333,45 @@ class WeightManifest(msgspec.Struct, array_like=True, gc=False):
     total_bytes: int
 
 
+class CudaIpcHandle(msgspec.Struct, array_like=True, gc=False):
+    """One CUDA bucket of the sender as plain fields (inside ``WeightsOffer``, ``cuda_ipc``):
+    the arguments of torch's ``rebuild_cuda_tensor`` with the dtype by name and the device by
+    GPU UUID (device indices differ between processes). Never pickled. Same fields in the
+    same order as ``stages.rollout.engines.vllm_worker.IpcBucketHandle`` (one wire form)."""
+
+    gpu_uuid: str
+    size: list[int]
+    stride: list[int]
+    tensor_offset: int
+    dtype: str
+    storage_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+
+class WeightGroup(msgspec.Struct, array_like=True, gc=False):
+    """Where engines meet learner rank 0 (rank 0, the sender) for the ``nccl`` transport
+    (inside ``WeightsOffer``); buckets are broadcast from rank 0 in manifest order."""
+
+    address: str
+    """Host of the rendezvous store, served by the sender."""
+    port: int
+    group_id: str
+    """``<sender instance>:<epoch>``; a new id means the old group is gone: join this one."""
+    members: list[str]
+    """Engine names in rank order: ``members[i]`` is rank ``i + 1``."""
+    backend: str = "nccl"
+    """``nccl`` (CUDA buffers) or ``gloo`` (host buffers; tests on CPU)."""
+    protocol: str = "torch"
+    """``torch``: a ``torch.distributed`` process group over the sender's store (the torch
+    engine); ``vllm``: vLLM's ``StatelessProcessGroup`` + ``PyNcclCommunicator`` at
+    ``address:port`` (the vLLM engine's worker joins it)."""
+
+
 class WeightsOffer(msgspec.Struct, tag="weights_offer", array_like=True, gc=False):
     """learner rank 0 → publisher (PUSH/PULL), then publisher → engines (PUB/SUB ``weights``):
     version ``manifest.version`` is staged at ``location``; load it (``start_weight_update``)."""
@@ -341,9 +380,20 @@ class WeightsOffer(msgspec.Struct, tag="weights_offer", array_like=True, gc=Fals
     transport: str
     """``shm``, ``cuda_ipc`` or ``nccl``."""
     location: str
-    """shm: slot file path; cuda_ipc: handle file path; nccl: group name."""
+    """shm: slot file path; cuda_ipc: the sender's GPU; nccl: the group's address."""
     deadline_s: float = 30.0
-    """Seconds each engine has to load and acknowledge."""
+    """Seconds allowed for each phase of the update: start, each bucket, finish."""
+    ipc_handles: list[CudaIpcHandle] = []
+    """``cuda_ipc``: one handle per manifest bucket (a flat uint8 CUDA tensor of its bytes)."""
+    group: WeightGroup | None = None
+    """``nccl``: the broadcast group to join (if not joined yet) and receive from."""
+    staged_at: float = 0.0
+    """Sender's ``time.time()`` when the bytes were staged (``nccl``: an engine that sees the
+    offer later than the start deadline knows the broadcast is gone)."""
+    canary_ids: np.ndarray | None = None
+    """int32 [C]: the canary prompt; engines report teacher-forced logprobs of it."""
+    canary_logprobs: np.ndarray | None = None
+    """float32 [C-1]: the learner's logprob of ``canary_ids[t+1]`` given ``canary_ids[:t+1]``."""
 
 
 class WeightsLoaded(msgspec.Struct, tag="weights_loaded", array_like=True, gc=False):
@@ -356,6 +406,9 @@ class WeightsLoaded(msgspec.Struct, tag="weights_loaded", array_like=True, gc=Fa
     digests: list[str] = []
     error: str = ""
     load_seconds: float = 0.0
+    canary_logprobs: np.ndarray | None = None
+    """float32 [C-1]: the engine's teacher-forced logprobs of the offer's canary, run on the
+    version just loaded (None: no canary in the offer, or the engine cannot run one)."""
 
 
 Message = Union[

@@ -85,7 +85,9 @@ class RolloutSection(msgspec.Struct, **_CFG):
     max_tokens: int = 16
     """Completion tokens per sample at most."""
     weight_transport: Literal["shm", "cuda_ipc", "nccl"] = "shm"
-    """How this engine receives weights from the publisher."""
+    """How engines receive weights from learner rank 0: ``shm`` (host shared memory),
+    ``cuda_ipc`` (the learner's CUDA buffers mapped by engines on the same host), ``nccl``
+    (broadcast to engines on other GPUs; one engine per GPU, none on learner rank 0's)."""
     gpu_memory_utilization: float = 0.5
     """vLLM only: fraction of GPU memory the engine may take."""
 
@@ -193,11 +195,24 @@ class Stack(msgspec.Struct, **_CFG):
             fail("rollout.device", "the vllm engine needs a cuda device")
         if self.rollout.weight_transport != "shm" and not self.rollout.device.startswith("cuda"):
             fail("rollout.weight_transport", f"{self.rollout.weight_transport} needs a cuda device")
+        if self.rollout.weight_transport == "nccl":
+            if self.rollout.replicas > 1:
+                fail("rollout.replicas", "nccl: each engine of the weight group needs its own GPU and "
+                     "rollout.device names one; use 1 replica, or cuda_ipc")
+            if self.learner.device.startswith("cuda") and _gpu_index(self.rollout.device) == _gpu_index(self.learner.device):
+                fail("rollout.device", "nccl: the engine shares learner rank 0's GPU (NCCL refuses two ranks "
+                     "on one GPU); use cuda_ipc on a shared GPU")
+        if self.publisher.deadline_s <= 0:
+            fail("publisher.deadline_s", "must be > 0")
         if self.publisher.every_steps < 1:
             fail("publisher.every_steps", "must be at least 1")
         if not self.run.dir:
             self.run.dir = f"runs/{self.run.name}"
         return self
+
+
+def _gpu_index(device: str) -> int:
+    return int(device.partition(":")[2] or 0)
 
 
 def load_stack(path: str | Path) -> Stack:

@@ -219,3 +219,78 @@ async def fake_hang_once(ctx) -> None:
     marker.write_text("")
     await asyncio.sleep(1.5)
     time.sleep(3600)  # blocks the loop: no heartbeat until the supervisor kills us
+
+
+# --------------------------------------------------------------------------- weight transports
+def weight_params(seed: int, name: str = "tiny") -> dict:
+    """A model's parameters as the learner publishes them (detached, CPU)."""
+    from stages.model import build_model
+
+    return {n: p.detach() for n, p in build_model(name, seed=seed).named_parameters()}
+
+
+def weight_engine_process(name: str, offers, acks, stall: tuple[int, float] | None = None) -> None:
+    """An engine process for weight-transport tests (spawn target): a tiny ``TorchEngine``
+    generating continuously while a ``WeightLoader`` applies each offer from ``offers`` (a
+    queue; ``None`` ends it). Puts ``(name, "ready", None, None)`` on ``acks`` once generating,
+    ``(name, ack, live_version, differing_names)`` after each offer, and finally ``(name, "spans", [version_spans of every completion])``.
+    ``stall=(version, seconds)``: while loading that version, the second bucket's broadcast
+    starts ``seconds`` late (an engine that stalls mid-update)."""
+    import asyncio
+
+    import torch
+
+    from stages.model import build_model
+    from stages.publisher.collective import BroadcastGroup
+    from stages.rollout.engines.base import SamplingParams
+    from stages.rollout.engines.torch_engine import TorchEngine
+    from stages.rollout.weights import WeightLoader
+
+    torch.set_num_threads(1)
+    original = BroadcastGroup.broadcast
+
+    async def main() -> None:
+        engine = TorchEngine(build_model("tiny", seed=0), max_batch=8)
+        loader = WeightLoader(engine, name)
+        spans: list = []
+        stop = asyncio.Event()
+
+        async def generate_forever() -> None:
+            i = 0
+            while not stop.is_set():
+                [c] = await engine.generate(f"{name}-{i}", [1, 5, 6], SamplingParams(max_tokens=12, seed=i))
+                spans.append(c.version_spans)
+                i += 1
+
+        gen = asyncio.get_running_loop().create_task(generate_forever())
+        acks.put((name, "ready", None, None))
+        while True:
+            offer = await asyncio.to_thread(offers.get)
+            if offer is None:
+                break
+            calls = [0]
+            if stall is not None and offer.manifest.version == stall[0]:
+                def stalling(self, t, src=0):
+                    calls[0] += 1
+                    if calls[0] == 2:
+                        import time
+
+                        time.sleep(stall[1])
+                    return original(self, t, src)
+
+                BroadcastGroup.broadcast = stalling
+            try:
+                ack = await loader.apply(offer)
+            finally:
+                BroadcastGroup.broadcast = original
+            expected = weight_params(offer.manifest.version + 40)  # the tests publish seed = version + 40
+            got = dict(engine.model.named_parameters())
+            differing = [n for n in expected if not torch.equal(expected[n], got[n])]
+            acks.put((name, ack, engine.weight_version, differing))
+        stop.set()
+        await gen
+        loader.close()
+        await engine.stop()
+        acks.put((name, "spans", spans))
+
+    asyncio.run(main())

@@ -6,12 +6,21 @@ every engine, collects each engine's ``WeightsLoaded`` (with per-bucket digests 
 what it loaded) and declares the version ready once every expected engine confirmed it with
 digests equal to the manifest's.
 
+Deadlines: ``WeightsOffer.deadline_s`` bounds each phase of an update (start, each bucket,
+finish), so a whole update may take ``update_budget_s`` = ``deadline_s × (buckets + 2)``.
+Engines enforce the phases themselves (``stages.rollout.weights``) and abort on expiry; the
+publisher stops waiting for an engine once the budget is spent.
+
+Canary: the offer may carry the learner's teacher-forced logprobs of a fixed prompt, and
+each acknowledgement the engine's, computed on the version it just loaded; ``canary_gap``
+is their mean and max absolute difference, kept per engine per version (``canaries``).
+
 Invariants and failure behaviour:
 - Versions are handled in order; a newer offer supersedes a pending older one (its
   stragglers no longer matter: engines always load the newest offer).
 - A digest that differs from the manifest counts as a failure of that engine for that
   version; the engine stays on its previous version (it refuses to go live itself).
-- An engine that misses a deadline is marked lagging and no longer waited for, until it
+- An engine that misses the budget is marked lagging and no longer waited for, until it
   confirms any version again; the version is then ready with the engines that did confirm,
   and the lag is reported. An engine that restarts pulls the newest offer (last-value cache
   of the ``weights`` broadcast) before it accepts work.
@@ -21,7 +30,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from schemas.messages import WeightsLoaded, WeightsOffer, WeightsReady
+
+
+def update_budget_s(deadline_s: float, n_buckets: int) -> float:
+    """Longest a whole update may take when each phase (start, every bucket, finish) gets ``deadline_s``."""
+    return deadline_s * (n_buckets + 2)
+
+
+def canary_gap(offer: WeightsOffer, ack: WeightsLoaded) -> tuple[float, float] | None:
+    """(mean, max) |learner − engine| canary logprob, or None when either side has none."""
+    a, b = offer.canary_logprobs, ack.canary_logprobs
+    if a is None or b is None or len(a) != len(b) or len(a) == 0:
+        return None
+    d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    if not np.isfinite(d).all():
+        return float("inf"), float("inf")
+    return float(d.mean()), float(d.max())
 
 
 @dataclass
@@ -32,6 +59,10 @@ class PendingVersion:
     confirmed: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def budget_s(self) -> float:
+        return update_budget_s(self.offer.deadline_s, len(self.offer.manifest.buckets))
+
 
 class PublisherCore:
     def __init__(self, expected_engines: set[str]) -> None:
@@ -40,6 +71,12 @@ class PublisherCore:
         self.pending: PendingVersion | None = None
         self.live_version = -1
         self.incomplete_versions: list[int] = []
+        self.canaries: dict[int, dict[str, tuple[float, float]]] = {}
+        """version → engine → (mean, max) canary gap; the newest ``CANARY_VERSIONS`` kept."""
+        self.last_failed: dict[str, str] = {}
+        """engine → why it failed the last version that completed (for logs and metrics)."""
+
+    CANARY_VERSIONS = 16
 
     def offer(self, offer: WeightsOffer, now: float) -> WeightsOffer:
         """Register a staged version; returns the offer to broadcast to engines."""
@@ -63,15 +100,22 @@ class PublisherCore:
             p.failed[ack.engine] = f"digest mismatch in bucket(s) {bad or 'count'}"
         else:
             p.confirmed[ack.engine] = ack.load_seconds
+            gap = canary_gap(p.offer, ack)
+            if gap is not None:
+                self.canaries.setdefault(ack.version, {})[ack.engine] = gap
+                while len(self.canaries) > self.CANARY_VERSIONS:
+                    del self.canaries[min(self.canaries)]
         p.waiting_for.discard(ack.engine)
         return self._maybe_ready()
 
     def expire(self, now: float) -> WeightsReady | None:
-        """Deadline check; engines still silent become lagging."""
+        """Deadline check; engines still silent once the update budget is spent become lagging."""
         p = self.pending
-        if p is None or now - p.offered_at < p.offer.deadline_s:
+        if p is None or now - p.offered_at < p.budget_s:
             return None
         self.lagging |= p.waiting_for
+        for e in p.waiting_for:
+            p.failed[e] = f"no acknowledgement within {p.budget_s:.1f} s"
         p.waiting_for.clear()
         return self._maybe_ready()
 
@@ -80,6 +124,7 @@ class PublisherCore:
         if p is None or p.waiting_for:
             return None
         self.pending = None
+        self.last_failed = dict(p.failed)
         version = p.offer.manifest.version
         if not p.confirmed:
             self.incomplete_versions.append(version)

@@ -3,7 +3,15 @@
 Sockets: PULL ``publish`` (bound here; learner rank 0 sends ``WeightsOffer``, engines send
 ``WeightsLoaded``), PUB ``weights`` (bound here; offers and ``WeightsReady``, with a
 last-value cache so a (re)starting engine gets the newest offer first).
-Deadlines are checked every ``TICK_S``.
+Deadlines are checked every ``TICK_S``. Each engine's canary gap (learner vs engine
+teacher-forced logprobs of a fixed prompt, ``core.canary_gap``) is logged per version, and
+once a version is settled the publisher sends ``Metrics`` (step = version): publish time,
+lagging/failed engines, and the canary gaps (mean and max over engines, and the max per
+engine as ``canary_gap_max/<engine>``); the supervisor adds the newest to ``metrics.jsonl``.
+
+Failure behaviour: the publisher holds no bytes and no state that survives it; if it dies,
+the offer in flight is lost (engines stay on their version), and the learner's next offer
+goes to its restarted successor.
 """
 
 from __future__ import annotations
@@ -11,13 +19,28 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
+
 import transport
 from pipeline.runtime import StageContext
 from schemas.messages import WeightsLoaded, WeightsOffer
-from stages.publisher.core import PublisherCore
+from stages.publisher.core import PublisherCore, canary_gap
 
 TICK_S = 0.2
 """Deadline resolution; deadlines are seconds long, so 200 ms is precise enough."""
+
+
+def settled_metrics(core: PublisherCore, version: int, staged_at: float, ready: bool) -> dict[str, float]:
+    gaps = core.canaries.get(version, {})
+    out = {"weights_version": float(version), "weights_ready": float(ready),
+           "weights_publish_s": max(0.0, time.time() - staged_at) if staged_at else 0.0,
+           "weights_lagging": float(len(core.lagging)), "weights_failed": float(len(core.last_failed)),
+           "weights_incomplete": float(len(core.incomplete_versions))}
+    if gaps:
+        out["canary_gap_mean"] = float(sum(m for m, _ in gaps.values()) / len(gaps))
+        out["canary_gap_max"] = float(max(x for _, x in gaps.values()))
+        out.update({f"canary_gap_max/{e}": x for e, (_, x) in sorted(gaps.items())})
+    return out
 
 
 async def run(ctx: StageContext) -> None:
@@ -32,15 +55,28 @@ async def run(ctx: StageContext) -> None:
         except asyncio.TimeoutError:
             msg = None
         ready = None
+        pending = core.pending
         if isinstance(msg, WeightsOffer):
-            offer = WeightsOffer(msg.manifest, msg.transport, msg.location, s.publisher.deadline_s)
+            offer = msgspec.structs.replace(msg, deadline_s=s.publisher.deadline_s)
             await out.send(core.offer(offer, time.monotonic()))
-            ctx.log.info("offered", version=msg.manifest.version, bytes=msg.manifest.total_bytes)
+            ctx.log.info("offered", version=msg.manifest.version, bytes=msg.manifest.total_bytes,
+                         transport=msg.transport, buckets=len(msg.manifest.buckets))
         elif isinstance(msg, WeightsLoaded):
             if not msg.ok:
                 ctx.log.warning("engine refused version", engine=msg.engine, version=msg.version, error=msg.error)
+            elif pending is not None and pending.offer.manifest.version == msg.version:
+                gap = canary_gap(pending.offer, msg)
+                if gap is not None:
+                    ctx.log.info("canary", engine=msg.engine, version=msg.version,
+                                 gap_mean=round(gap[0], 7), gap_max=round(gap[1], 7))
             ready = core.loaded(msg)
         ready = ready or core.expire(time.monotonic())
+        if pending is not None and core.pending is not pending:  # that version settled
+            version = pending.offer.manifest.version
+            settled = ready is not None and ready.version == version
+            if core.last_failed:
+                ctx.log.warning("engines failed version", version=version, failed=core.last_failed)
+            await ctx.metrics(version, settled_metrics(core, version, pending.offer.staged_at, settled))
         if ready is not None:
             await out.send(ready)
             ctx.weight_version = ready.version

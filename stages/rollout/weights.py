@@ -1,25 +1,59 @@
-"""Engine side of weight updates over shm: offer → verified load → acknowledgement.
+"""Engine side of weight updates: offer → verified load (any transport) → acknowledgement.
+
+``WeightLoader.apply(offer)`` dispatches on ``offer.transport``:
+- ``shm``: the payload is read in place from the sender's slot (share-locked while loading,
+  see ``stages.publisher.shm``) → ``engine.update_weights_shm``;
+- ``cuda_ipc``: the offer's plain-field handles (``CudaIpcHandle``) → the sender's CUDA
+  buckets, mapped here → ``engine.update_weights_ipc``;
+- ``nccl``: join the offer's broadcast group if it is new to this engine (rank =
+  position in ``group.members`` + 1), then ``engine.update_weights_nccl`` receives every
+  bucket from rank 0 (``protocol="vllm"``: the vLLM engine joins vLLM's group itself).
+After the version is live it runs the offer's canary prompt (``teacher_forced_logprobs``)
+and reports the logprobs with the digests.
+
+Deadlines: each phase gets ``offer.deadline_s``: start (nccl: joining, within that time of
+``offer.staged_at``; then ``start_weight_update``, which pauses generation), each bucket
+(the collective's per-operation timeout; shm/ipc loads are local copies bounded as a whole
+by ``deadline_s × buckets``), finish. On expiry or any error the update is aborted
+(``abort_weight_update``: old weights, generation resumes) and, for nccl, the group is
+aborted and never rejoined (the sender moves to a new group for the next version).
 
 Invariants and failure behaviour:
 - An offer is applied only if it is newer than the engine's live version; a version goes
-  live only after every bucket arrived and matched its digest (``unpack`` verifies before
+  live only after every bucket arrived and matched its digest (engines verify before
   anything is copied into the model).
-- A manifest that does not match the engine's parameters, a digest mismatch, or a torn
-  read (the slot was lapped) leaves the engine on its previous version; the result is
-  reported to the publisher as ``WeightsLoaded(ok=False, error=...)`` (a torn read is not
-  reported: the newer offer that lapped it is already on its way).
+- A manifest that does not match the engine's parameters, a digest mismatch, a failed or
+  late transfer leave the engine on its previous version; the result is reported to the
+  publisher as ``WeightsLoaded(ok=False, error="<phase>: ...")``. A torn shm read (the
+  slot was lapped) is not reported: the newer offer that lapped it is already on its way.
+- A (re)started engine given an nccl offer whose join window has passed (it came from the
+  publisher's last-value cache) refuses it at once instead of waiting: that broadcast is
+  over. It joins the group of a later version (the sender rebuilds the group once a
+  broadcast fails, i.e. at most two versions later).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
+
+import msgspec
+import numpy as np
 
 from schemas.messages import WeightsLoaded, WeightsOffer
 from stages.publisher.manifest import DigestMismatch, ManifestMismatch
 from stages.publisher.shm import ShmWeightReader, TornRead
 
+JOIN_MIN_S = 0.5
+"""Least time an engine gives a join: the sender's window is measured from its own clock."""
 
-class ShmWeightLoader:
+
+class Refused(Exception):
+    """This engine will not load the offered version (the message says why and in which phase)."""
+
+
+class WeightLoader:
     def __init__(self, engine, engine_name: str) -> None:
         self.engine = engine
         self.engine_name = engine_name
@@ -27,6 +61,10 @@ class ShmWeightLoader:
         self.loaded_any = False
         """The engine starts on seeded weights labelled version 0; the first offer is loaded
         even at version 0, so its digests are checked and it is acknowledged."""
+        self.group: Any = None
+        """The torch-protocol ``BroadcastGroup`` this engine is in (nccl transport)."""
+        self.dead_groups: set[str] = set()
+        """Group ids that failed here: the sender has abandoned them too."""
 
     async def apply(self, offer: WeightsOffer) -> WeightsLoaded | None:
         version = offer.manifest.version
@@ -34,23 +72,128 @@ class ShmWeightLoader:
             return None
         t0 = time.perf_counter()
         try:
-            payload = self.reader.read(offer.location, version)
+            digests = await self._load(offer)
         except TornRead:
             return None
-        except OSError as e:
-            return WeightsLoaded(version, self.engine_name, False, [], f"cannot read {offer.location}: {e}")
-        try:
-            await self.engine.start_weight_update(version, offer.manifest)
-        except ManifestMismatch as e:
-            return WeightsLoaded(version, self.engine_name, False, [], str(e))
-        try:
-            digests = await self.engine.update_weights_shm(payload, offer.manifest)
-        except DigestMismatch as e:
-            await self.engine.abort_weight_update()
-            return WeightsLoaded(version, self.engine_name, False, [], str(e))
-        await self.engine.finish_weight_update(version)
+        except Refused as e:
+            return WeightsLoaded(version, self.engine_name, False, [], str(e), time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         self.loaded_any = True
-        return WeightsLoaded(version, self.engine_name, True, digests, "", time.perf_counter() - t0)
+        return WeightsLoaded(version, self.engine_name, True, digests, "", seconds, await self._canary(offer))
+
+    # ------------------------------------------------------------------ phases
+    async def _load(self, offer: WeightsOffer) -> list[str]:
+        man, version, deadline = offer.manifest, offer.manifest.version, offer.deadline_s
+        group = await self._join(offer) if offer.transport == "nccl" else None
+        try:
+            async with asyncio.timeout(deadline):
+                await self.engine.start_weight_update(version, man)
+        except ManifestMismatch as e:
+            raise Refused(f"start: {e}") from None
+        except (TimeoutError, Exception) as e:  # noqa: BLE001 - any failure refuses the version
+            await self.engine.abort_weight_update()
+            raise Refused(f"start: {_why(e, deadline)}") from None
+        budget = deadline * len(man.buckets)
+        try:
+            if offer.transport == "shm":
+                try:
+                    with self.reader.view(offer.location, version) as payload:
+                        async with asyncio.timeout(budget):
+                            digests = await self.engine.update_weights_shm(payload, man)
+                except OSError as e:
+                    if isinstance(e, TimeoutError):  # an OSError too
+                        raise
+                    raise Refused(f"cannot read {offer.location}: {e}") from None
+            elif offer.transport == "cuda_ipc":
+                from stages.rollout.engines.vllm_worker import IpcBucketHandle
+
+                handles = [msgspec.msgpack.decode(msgspec.msgpack.encode(h), type=IpcBucketHandle)
+                           for h in offer.ipc_handles]
+                async with asyncio.timeout(budget):
+                    digests = await self.engine.update_weights_ipc(handles, man)
+            elif offer.transport == "nccl":
+                async with asyncio.timeout(budget + deadline):  # the group's own per-bucket timeouts come first
+                    digests = await self.engine.update_weights_nccl(group, man, src=0)
+            else:
+                raise Refused(f"unknown transport {offer.transport!r}")
+        except BaseException as e:
+            await self.engine.abort_weight_update()
+            if offer.transport == "nccl":
+                self._drop_group()
+            if isinstance(e, (TornRead, Refused)):
+                raise
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            if isinstance(e, (DigestMismatch, ManifestMismatch)):
+                raise Refused(f"buckets: {e}") from None
+            raise Refused(f"buckets: {_why(e, budget)}") from None
+        try:
+            async with asyncio.timeout(deadline):
+                await self.engine.finish_weight_update(version)
+        except (TimeoutError, Exception) as e:  # noqa: BLE001
+            await self.engine.abort_weight_update()
+            raise Refused(f"finish: {_why(e, deadline)}") from None
+        return list(digests)
+
+    async def _join(self, offer: WeightsOffer) -> Any:
+        g = offer.group
+        if g is None:
+            raise Refused("start: nccl offer without a group")
+        if self.engine_name not in g.members:
+            raise Refused(f"start: {self.engine_name} is not a member of weight group {g.group_id} "
+                          f"({len(g.members)} engines: {', '.join(g.members)})")
+        rank, world = g.members.index(self.engine_name) + 1, len(g.members) + 1
+        if g.protocol == "vllm":
+            from stages.rollout.engines.vllm_worker import NcclRendezvous
+
+            return NcclRendezvous(g.address, g.port, rank, world)  # the vLLM engine joins (once per rendezvous)
+        if self.group is not None and self.group.group_id == g.group_id:
+            return self.group
+        if g.group_id in self.dead_groups:
+            raise Refused(f"start: weight group {g.group_id} failed here; waiting for the sender's next group")
+        left = offer.deadline_s - (time.time() - offer.staged_at)
+        if left <= 0:
+            raise Refused(f"start: the join window of group {g.group_id} closed {-left:.1f} s ago "
+                          "(an offer from before this engine started); joining the next group")
+        self._drop_group()
+        from stages.publisher.collective import BroadcastGroup, CollectiveFailed, connect_store
+
+        device = getattr(self.engine, "device", "cpu") if g.backend == "nccl" else "cpu"
+        try:
+            store = await asyncio.to_thread(connect_store, g.address, g.port)
+            self.group = await asyncio.to_thread(BroadcastGroup.join, store, g.group_id, rank, world, backend=g.backend,
+                                                 device=device, timeout_s=max(left, JOIN_MIN_S))
+        except (CollectiveFailed, RuntimeError, ValueError) as e:
+            self.dead_groups.add(g.group_id)
+            raise Refused(f"start: joining weight group {g.group_id}: {e}") from None
+        return self.group
+
+    def _drop_group(self) -> None:
+        if self.group is not None:
+            self.dead_groups.add(self.group.group_id)
+            self.group.abort()
+            self.group = None
+
+    async def _canary(self, offer: WeightsOffer) -> np.ndarray | None:
+        if offer.canary_ids is None:
+            return None
+        try:
+            return np.asarray(await self.engine.teacher_forced_logprobs(offer.canary_ids), np.float32)
+        except Exception:  # noqa: BLE001 - no canary is reported as none; the update stands
+            return None
 
     def close(self) -> None:
         self.reader.close()
+        if self.group is not None:
+            self.group.abort()
+            self.group = None
+
+
+def _why(e: BaseException, limit: float) -> str:
+    if isinstance(e, TimeoutError):
+        return f"deadline of {limit:.1f} s passed"
+    return f"{type(e).__name__}: {e}"
+
+
+ShmWeightLoader = WeightLoader
+"""The earlier name (shm only); the rollout shell still uses it."""

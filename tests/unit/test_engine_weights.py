@@ -141,7 +141,7 @@ async def test_ipc_update_rebuilds_the_senders_buckets():
     await engine.start_weight_update(1, man)
     with pytest.raises(ValueError, match="2 buckets received"):
         await engine.update_weights_ipc([reduce_tensor(b) for b in buckets[:2]], man)
-    await engine.update_weights_ipc([reduce_tensor(b) for b in buckets], man)
+    assert await engine.update_weights_ipc([reduce_tensor(b) for b in buckets], man) == [b.digest for b in man.buckets]
     await engine.finish_weight_update(1)
     await engine.stop()
     assert engine.weight_version == 1
@@ -183,7 +183,8 @@ def _receiver(port: int, seed: int, results) -> None:
     engine, refused, digests = asyncio.run(receive())
     expected = dict(build_model("tiny", seed=seed).named_parameters())
     got = dict(engine.model.named_parameters())
-    results.put((engine.weight_version, refused, digests, [n for n in expected if not torch.equal(expected[n], got[n])]))
+    results.put((engine.weight_version, refused, digests == [b.digest for b in man.buckets],
+                 [n for n in expected if not torch.equal(expected[n], got[n])]))
 
 
 def test_collective_update_through_init_weight_transfer():
@@ -203,4 +204,4 @@ def test_collective_update_through_init_weight_transfer():
             if p.is_alive():
                 p.kill()
     assert "call init_weight_transfer first" in refused
-    assert version == 4 and digests == [] and differing == []
+    assert version == 4 and digests and differing == []

@@ -32,14 +32,14 @@ def test_digest_mismatch_is_a_failure_not_a_confirmation():
 
 def test_silent_engine_misses_deadline_then_is_not_waited_for():
     core = PublisherCore({"rollout/0", "rollout/1"})
-    core.offer(offer(1, deadline=2), now=0)
+    core.offer(offer(1, deadline=2), now=0)  # 2 s per phase: start, 2 buckets, finish = 8 s
     core.loaded(ok(1, "rollout/0"))
-    assert core.expire(now=1) is None
-    ready = core.expire(now=3)
+    assert core.expire(now=7.9) is None
+    ready = core.expire(now=8.1)
     assert ready.version == 1 and core.lagging == {"rollout/1"}
-    core.offer(offer(2), now=4)
+    core.offer(offer(2), now=9)
     assert core.loaded(ok(2, "rollout/0")).version == 2  # rollout/1 is lagging: not awaited
-    core.offer(offer(3), now=5)
+    core.offer(offer(3), now=10)
     assert core.loaded(ok(3, "rollout/1")) is None  # it is back, and rollout/0 is awaited again
     assert core.lagging == set()
 
@@ -58,3 +58,20 @@ def test_newer_offer_supersedes_pending_one():
     assert core.loaded(ok(1, "rollout/0")) is None
     assert core.loaded(ok(2, "rollout/0")).version == 2
     assert core.incomplete_versions == [1]
+
+
+def test_canary_gap_per_engine_and_version():
+    import numpy as np
+
+    core = PublisherCore({"rollout/0", "rollout/1"})
+    o = offer(1)
+    o.canary_ids = np.arange(4, dtype=np.int32)
+    o.canary_logprobs = np.array([-1.0, -2.0, -3.0], np.float32)
+    core.offer(o, now=0)
+    a = ok(1, "rollout/0")
+    a.canary_logprobs = np.array([-1.0, -2.5, -3.0], np.float32)
+    b = ok(1, "rollout/1")  # an engine without a canary: no gap recorded, still confirmed
+    core.loaded(a)
+    assert core.loaded(b).version == 1
+    mean, mx = core.canaries[1]["rollout/0"]
+    assert abs(mean - 0.5 / 3) < 1e-9 and mx == 0.5 and "rollout/1" not in core.canaries[1]

@@ -153,16 +153,26 @@ class Engine(abc.ABC):
         bucket's digest before copying anything. Returns the bucket digests."""
 
     @abc.abstractmethod
-    async def update_weights_ipc(self, handles: Sequence[tuple[Any, tuple]], manifest: WeightManifest) -> list[str]:
-        """Load from the sender's own buffers: one ``torch.multiprocessing.reductions.
-        reduce_tensor`` handle ``(rebuild_fn, args)`` per manifest bucket, each a flat uint8
-        tensor of the bucket's bytes. Returns digests if computed, else an empty list."""
+    async def update_weights_ipc(self, handles: Sequence[Any], manifest: WeightManifest) -> list[str]:
+        """Load from the sender's own buffers: one handle per manifest bucket, each a flat
+        uint8 CUDA tensor of the bucket's bytes, as a ``vllm_worker.IpcBucketHandle`` (plain
+        fields, what travels in a ``WeightsOffer``) or a ``torch.multiprocessing.reductions.
+        reduce_tensor`` tuple ``(rebuild_fn, args)``. Verifies the manifest's digests before
+        copying; returns the bucket digests computed on what was received."""
 
     @abc.abstractmethod
     async def update_weights_nccl(self, group: Any, manifest: WeightManifest, src: int = 0) -> list[str]:
-        """Receive every bucket by ``torch.distributed.broadcast`` from global rank ``src``
-        over ``group`` (``None``: the group joined by ``init_weight_transfer``); the sender
-        broadcasts flat uint8 buckets in manifest order."""
+        """Receive every bucket by broadcast from rank ``src`` over ``group`` (the torch engine:
+        a ``stages.publisher.collective.BroadcastGroup``, a ``torch.distributed`` group, or
+        ``None`` for the group joined by ``init_weight_transfer``; the vLLM engine: an
+        ``NcclRendezvous``); the sender broadcasts flat uint8 buckets in manifest order.
+        Verifies the manifest's digests before copying; returns the bucket digests."""
+
+    async def teacher_forced_logprobs(self, token_ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Optional (the publisher's canary): float32 [T-1], the logprob of ``token_ids[t+1]``
+        given ``token_ids[:t+1]`` under the live weights, at temperature 1. Engines that
+        cannot compute it raise ``NotImplementedError`` (the canary is then not reported)."""
+        raise NotImplementedError(f"{type(self).__name__} has no teacher-forced logprobs")
 
     @abc.abstractmethod
     async def finish_weight_update(self, version: int) -> None:

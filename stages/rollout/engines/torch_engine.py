@@ -218,21 +218,35 @@ class TorchEngine(Engine):
         self._load(tensors)
         return digests
 
-    async def update_weights_ipc(self, handles: Sequence[tuple[Any, tuple]], manifest: WeightManifest) -> list[str]:
+    async def update_weights_ipc(self, handles: Sequence[Any], manifest: WeightManifest) -> list[str]:
+        """``handles``: ``reduce_tensor`` tuples or ``vllm_worker.IpcBucketHandle``s (plain fields)."""
         self._check_updating(manifest)
-        self._load(transfer.receive_ipc(handles, manifest))
-        return []
+        tensors, digests = transfer.receive_ipc(handles, manifest)
+        self._load(tensors)
+        return digests
 
     async def update_weights_nccl(self, group: Any, manifest: WeightManifest, src: int = 0) -> list[str]:
+        """``group``: a ``stages.publisher.collective.BroadcastGroup`` (the weight group), a
+        ``torch.distributed`` group, or ``None`` (the group of ``init_weight_transfer``)."""
         import torch.distributed as dist
 
         self._check_updating(manifest)
         if group is None and not dist.is_initialized():
             raise RuntimeError("update_weights_nccl without a group: call init_weight_transfer first")
         # Blocking collective in a thread: the event loop (heartbeats, aborts) stays live.
-        tensors = await asyncio.to_thread(transfer.receive_collective, group, manifest, src, self.device)
+        tensors, digests = await asyncio.to_thread(transfer.receive_collective, group, manifest, src, self.device)
         self._load(tensors)
-        return []
+        return digests
+
+    async def teacher_forced_logprobs(self, token_ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64), device=self.device).reshape(1, -1)
+        if ids.numel() < 2 or int(ids.max()) >= self.vocab or int(ids.min()) < 0:
+            raise ValueError(f"canary of {ids.numel()} tokens: need >= 2 ids inside the vocabulary of {self.vocab}")
+        async with self._step_lock:  # between decode steps; the slot cache is not touched
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+        return lp.cpu().numpy().astype(np.float32)
 
     async def finish_weight_update(self, version: int) -> None:
         if self._updating is not None and version != self._updating:

@@ -2,21 +2,25 @@
 
 Every path produces the same thing, ``{name: tensor}`` views into received bucket bytes laid
 out by a ``WeightManifest`` (``TensorEntry.offset`` is into the whole payload; bucket ``i``
-holds ``[buckets[i].offset, + nbytes)``), which the engine then copies into its parameters.
+holds ``[buckets[i].offset, + nbytes)``), plus the digest of every bucket computed on the
+received bytes (by the algorithm the manifest's digests name: ``c1`` on the host or on the
+device, ``g1`` on the device), which the engine returns to the publisher.
 
 Invariants and failure behaviour:
 - Nothing here touches a model: a failure (digest mismatch, wrong handle count, a broken
   collective) happens before the caller copies anything, so the caller keeps old weights.
-- shm: every bucket's digest is verified first (``DigestMismatch`` names the buckets).
-- IPC / collective: bytes stay in device memory, digests are not computed (that would cost a
-  device-to-host copy of the whole model); an empty digest list is returned.
-- IPC: a handle whose rebuild function is ``rebuild_cuda_tensor`` is re-targeted to this
-  process's current CUDA device (the sender's device index need not match ours), as vLLM's
-  IPC engine does; without CUDA it raises ``RuntimeError`` saying so.
-- Collective: ``torch.distributed.broadcast`` of each bucket as flat uint8 from ``src``
-  (NCCL on GPUs: buffers on this CUDA device; gloo: host buffers). A NCCL group without
-  CUDA raises ``RuntimeError``. Every bucket is received into staging before returning, so
-  the sender's broadcasts always have a matching receive.
+- Every path verifies each bucket's digest (when the manifest has one) before returning
+  (``DigestMismatch`` names the buckets). On CUDA buckets this costs a few reductions per
+  tensor on the device, never a copy to the host.
+- IPC: a plain-field handle (``vllm_worker.IpcBucketHandle``) is opened on the GPU with the
+  handle's UUID; a ``reduce_tensor`` tuple whose rebuild function is ``rebuild_cuda_tensor``
+  is re-targeted to this process's current CUDA device (the sender's device index need not
+  match ours), as vLLM's IPC engine does; without CUDA either raises ``RuntimeError``.
+- Collective: a ``stages.publisher.collective.BroadcastGroup`` (the weight group, with its
+  per-bucket deadline) or a ``torch.distributed`` group; each bucket is broadcast as flat
+  uint8 from ``src`` (NCCL: buffers on this CUDA device; gloo: host buffers). A NCCL group
+  without CUDA raises ``RuntimeError``. Every bucket is received into staging before
+  returning, so the sender's broadcasts always have a matching receive.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 
 from schemas.messages import WeightManifest
-from stages.publisher.manifest import unpack
+from stages.publisher.manifest import unpack, verify
 
 REBUILD_DEVICE_ARG = 6
 """Position of the device index in ``rebuild_cuda_tensor``'s arguments (torch ≥ 2.0)."""
@@ -61,24 +65,45 @@ def receive_shm(buffer: memoryview | np.ndarray, manifest: WeightManifest) -> tu
     return unpack(manifest, payload)
 
 
-def receive_ipc(handles: Sequence[tuple[Any, tuple]], manifest: WeightManifest) -> dict[str, torch.Tensor]:
+def receive_ipc(handles: Sequence[Any], manifest: WeightManifest) -> tuple[dict[str, torch.Tensor], list[str]]:
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
+    from stages.rollout.engines.vllm_worker import IpcBucketHandle, open_ipc_handle
+
+    if len(handles) != len(manifest.buckets):
+        raise ValueError(f"version {manifest.version}: {len(handles)} buckets received, "
+                         f"manifest has {len(manifest.buckets)}")
     buckets = []
-    for func, args in handles:
+    for h in handles:
+        if isinstance(h, IpcBucketHandle):
+            if not torch.cuda.is_available():
+                raise RuntimeError("CUDA IPC weight handles received, but CUDA is not available here")
+            buckets.append(open_ipc_handle(h))
+            continue
+        func, args = h
         if func is rebuild_cuda_tensor:
             if not torch.cuda.is_available():
                 raise RuntimeError("CUDA IPC weight handles received, but CUDA is not available here")
             args = list(args)
             args[REBUILD_DEVICE_ARG] = torch.cuda.current_device()
         buckets.append(func(*args))
-    return from_buckets(manifest, buckets)
+    tensors = from_buckets(manifest, buckets)
+    return tensors, verify(manifest, [b.reshape(-1)[: m.nbytes] for b, m in zip(buckets, manifest.buckets)])
 
 
-def receive_collective(group: Any, manifest: WeightManifest, src: int, device: torch.device) -> dict[str, torch.Tensor]:
-    import torch.distributed as dist
+def receive_collective(group: Any, manifest: WeightManifest, src: int,
+                       device: torch.device) -> tuple[dict[str, torch.Tensor], list[str]]:
+    from stages.publisher.collective import BroadcastGroup
 
-    backend = str(dist.get_backend(group)).lower()
+    if isinstance(group, BroadcastGroup):
+        backend, send = group.backend, group.broadcast
+    else:
+        import torch.distributed as dist
+
+        backend = str(dist.get_backend(group)).lower()
+
+        def send(buf, src):
+            dist.broadcast(buf, src=src, group=group)
     if backend == "nccl":
         if not torch.cuda.is_available() or device.type != "cuda":
             raise RuntimeError(f"NCCL weight broadcast needs an engine on a CUDA device (engine is on {device})")
@@ -89,6 +114,7 @@ def receive_collective(group: Any, manifest: WeightManifest, src: int, device: t
     with torch.cuda.device(where) if where.type == "cuda" else contextlib.nullcontext():  # per-thread device
         for b in manifest.buckets:
             buf = torch.empty(b.nbytes, dtype=torch.uint8, device=where)
-            dist.broadcast(buf, src=src, group=group)
+            send(buf, src)
             buckets.append(buf)
-    return from_buckets(manifest, buckets)
+        digests = verify(manifest, buckets)
+    return from_buckets(manifest, buckets), digests

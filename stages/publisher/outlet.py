@@ -1,0 +1,75 @@
+"""Learner side of publishing: after a step, full weights → sender → ``WeightsOffer``.
+
+``WeightOutlet.publish`` runs on every learner rank (gathering the full parameters and the
+canary forward are collective); rank 0 stages the bytes with the sender the stack names
+(``senders.make_sender``), attaches the canary (ids and the learner's logprobs) and sends
+the offer to the publisher's ``publish`` socket, then lets the sender deliver (``nccl``:
+the broadcast starts in the background while training goes on).
+
+For ``cuda_ipc`` rank 0 also follows the publisher's ``WeightsReady`` so that the sender
+knows when a version's buffers are free again (``CudaIpcSender.settled``).
+
+Failure behaviour: a sender error (no CUDA, a full ``/dev/shm``) propagates: the learner
+stage fails and the supervisor restarts the learner group. A failed nccl transfer does not
+raise: it is logged at the next publish (``last_error``) and the engines stay on their
+version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import msgspec
+import torch
+
+import transport
+from schemas.messages import WeightsReady
+from stages.publisher.canary import canary_ids, teacher_forced_logprobs
+from stages.publisher.senders import make_sender
+
+
+class WeightOutlet:
+    def __init__(self, ctx: Any, rank: int) -> None:
+        self.ctx, self.rank = ctx, rank
+        s = ctx.stack
+        self.engine_dtype = getattr(torch, s.model.dtype)
+        self.canary = canary_ids()
+        self.sender = make_sender(s, ctx.run_dir, ctx.endpoints) if rank == 0 else None
+        self.offers = None
+        self._follower: asyncio.Task | None = None
+        self._reported = ""
+        if rank == 0:
+            self.offers = transport.push(ctx.endpoints["publish"], bind=False, sender=ctx.name, name="publish")
+            ctx._channels.append(self.offers)
+            if self.sender.transport == "cuda_ipc":
+                self._follower = asyncio.get_running_loop().create_task(self._follow_ready())
+
+    async def _follow_ready(self) -> None:
+        ch = await self.ctx.subscribe("weights", topics=("weights_ready",))
+        async for msg in ch:
+            if isinstance(msg, WeightsReady):
+                self.sender.settled(msg.version)
+
+    async def publish(self, learner: Any) -> None:
+        """Collective: every rank calls it after the step whose weights are to be published."""
+        params = await asyncio.to_thread(learner.full_parameters, self.engine_dtype)
+        canary = await asyncio.to_thread(teacher_forced_logprobs, learner.model, self.canary, learner.device)
+        if self.rank != 0:
+            return
+        offer = await asyncio.to_thread(self.sender.stage, params, learner.version)  # waits for the last transfer
+        last = getattr(self.sender, "last_error", "")
+        if last and last != self._reported:
+            self.ctx.log.warning("weight transfer failed", error=last)
+        self._reported = last
+        offer = msgspec.structs.replace(offer, canary_ids=self.canary, canary_logprobs=canary)
+        await self.offers.send(offer)
+        self.sender.deliver()
+
+    def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+        if self.sender is not None:
+            with contextlib.suppress(Exception):
+                self.sender.close()
