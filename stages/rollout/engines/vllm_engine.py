@@ -64,10 +64,10 @@ import torch
 
 from schemas.messages import WeightManifest
 from stages.model import BUILTIN_SHAPES, build_model, model_config
-from stages.publisher.manifest import DEFAULT_BUCKET_BYTES, check_compatible, plan, unpack
+from stages.publisher.manifest import check_compatible, unpack
+from stages.publisher.senders import CudaBuckets  # noqa: F401 - moved there (the cuda_ipc sender); re-exported
 from stages.rollout.engines.base import Completion, Engine, PauseMode, SamplingParams
-from stages.rollout.engines.vllm_worker import (IpcBucketHandle, NcclRendezvous, bucket_views,
-                                                encode_ipc_handle, gpu_digests)
+from stages.rollout.engines.vllm_worker import IpcBucketHandle, NcclRendezvous, encode_ipc_handle
 
 WORKER_EXTENSION = "stages.rollout.engines.vllm_worker.ConveyorWorkerExtension"
 DRAIN_TIMEOUT_S = 5.0
@@ -122,41 +122,6 @@ def pin_cuda_device(device: str) -> None:
     if index >= len(ids):
         raise ValueError(f"rollout.device={device!r}: CUDA_VISIBLE_DEVICES={visible!r} has no device {index}")
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[index]
-
-
-class CudaBuckets:
-    """Sender side of ``cuda_ipc``: persistent GPU bucket buffers laid out by a manifest.
-
-    The learner (or a test, or the seeded start) copies its state into the buckets, then
-    hands ``handles()`` to engines; the buffers must stay alive and unmodified until every
-    engine acknowledged (``update_weights_ipc`` returned). Reusing one ``CudaBuckets`` for
-    every version lets engines keep their mappings open (no re-mapping per version)."""
-
-    def __init__(self, state: dict[str, torch.Tensor], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 device: torch.device | str | None = None) -> None:
-        self.layout = plan(state, 0, bucket_bytes)
-        self.device = torch.device(device) if device is not None else next(iter(state.values())).device
-        self.buffers = [torch.empty(b.nbytes, dtype=torch.uint8, device=self.device) for b in self.layout.buckets]
-        for b in self.buffers:
-            b.zero_()  # alignment padding is part of what a receiver may read
-        self.views = bucket_views(self.layout, self.buffers)
-
-    def fill(self, state: dict[str, torch.Tensor], version: int, digests: bool = True) -> WeightManifest:
-        """Copy ``state`` in; returns the manifest of ``version`` with ``g1:`` digests (or none)."""
-        names = [e.name for e in self.layout.entries]
-        with torch.no_grad():
-            torch._foreach_copy_([self.views[n] for n in names], [state[n].detach() for n in names])
-        got = gpu_digests(self.layout, self.views) if digests else ["" for _ in self.layout.buckets]
-        if not digests:
-            torch.cuda.synchronize(self.device)
-        return msgspec.structs.replace(
-            self.layout, version=version,
-            buckets=[msgspec.structs.replace(b, digest=d) for b, d in zip(self.layout.buckets, got)])
-
-    def handles(self) -> list[IpcBucketHandle]:
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        return [encode_ipc_handle(reduce_tensor(b)) for b in self.buffers]
 
 
 class VllmEngine(Engine):
