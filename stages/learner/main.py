@@ -3,7 +3,8 @@
 Rank 0 pulls ``TrainGroup``/``GroupFailed`` from the ``train`` stream until it has
 ``groups_per_step`` trainable groups (``Learner.admit`` drops duplicates, stale and failed
 ones with a reason), broadcasts the batch to all ranks (``feed.broadcast_batch``), and
-after the step: stages the new weights (full parameters → manifest + ``/dev/shm`` slot →
+after the step: stages the new weights (``stages.publisher.outlet``: full parameters and the
+canary forward on every rank, then rank 0's sender for ``rollout.weight_transport`` →
 ``WeightsOffer`` to the publisher), publishes ``Progress`` (consumed and dropped ids) and
 sends step ``Metrics`` to the supervisor. Blocking torch work runs in a thread so
 heartbeats keep flowing.
@@ -22,13 +23,11 @@ import time
 import torch
 import torch.distributed as dist
 
-import transport
 from pipeline.runtime import StageContext
-from schemas.messages import GroupFailed, Progress, TrainGroup, WeightsOffer
+from schemas.messages import GroupFailed, Progress, TrainGroup
 from stages.learner.feed import StepBatch, broadcast_batch
 from stages.learner.trainer import Learner
-from stages.publisher.manifest import pack
-from stages.publisher.shm import ShmWeightWriter, run_slot_id
+from stages.publisher.outlet import WeightOutlet
 
 
 def _init_dist(ctx: StageContext) -> None:
@@ -48,22 +47,15 @@ async def run(ctx: StageContext) -> None:
         seed=s.run.seed, device=device)
     resumed = await asyncio.to_thread(learner.resume)
     ctx.log.info("learner ready", rank=rank, resumed=resumed, step=learner.step, version=learner.version)
-    engine_dtype = getattr(torch, s.model.dtype)
 
-    writer = ShmWeightWriter(run_slot_id(s.run.name, ctx.run_dir)) if rank == 0 else None
+    outlet = WeightOutlet(ctx, rank)  # rank 0: the stack's weight sender and the offer socket
     if rank == 0:
         inbox = ctx.work_in("train", credit=2 * s.learner.groups_per_step)
         progress = ctx.publisher("progress")
-        offers = transport.push(ctx.endpoints["publish"], bind=False, sender=ctx.name, name="publish")
-        ctx._channels.append(offers)
         await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step))
 
     async def stage_weights() -> None:
-        params = await asyncio.to_thread(learner.full_parameters, engine_dtype)  # collective
-        if rank == 0:
-            man, payload = await asyncio.to_thread(pack, params, learner.version, s.publisher.bucket_mb << 20)
-            path = await asyncio.to_thread(writer.write, learner.version, [payload], man.total_bytes)
-            await offers.send(WeightsOffer(man, "shm", path, s.publisher.deadline_s))
+        await outlet.publish(learner)  # collective: full parameters and the canary forward
 
     await stage_weights()
     ctx.weight_version = learner.version
@@ -120,7 +112,6 @@ async def run(ctx: StageContext) -> None:
             await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step))
         ctx.log.info("learner drained", step=learner.step, version=learner.version)
     finally:
-        if writer is not None:
-            writer.close()
+        outlet.close()
         if dist.is_initialized():
             dist.destroy_process_group()
