@@ -406,9 +406,17 @@ class WeightsLoaded(msgspec.Struct, tag="weights_loaded", array_like=True, gc=Fa
     digests: list[str] = []
     error: str = ""
     load_seconds: float = 0.0
-    canary_logprobs: np.ndarray | None = None
-    """float32 [C-1]: the engine's teacher-forced logprobs of the offer's canary, run on the
-    version just loaded (None: no canary in the offer, or the engine cannot run one)."""
+
+
+class CanaryReport(msgspec.Struct, tag="canary_report", array_like=True, gc=False):
+    """engine → publisher (PUSH/PULL ``publish``): the engine's teacher-forced logprobs of the
+    offer's canary prompt, run on the version it just loaded. Sent after that version's
+    ``WeightsLoaded``, so the canary's forward pass never delays ``WeightsReady``."""
+
+    version: int
+    engine: str
+    logprobs: np.ndarray
+    """float32 [C-1]: logprob of ``canary_ids[t+1]`` given ``canary_ids[:t+1]``."""
 
 
 Message = Union[
@@ -432,6 +440,7 @@ Message = Union[
     StatusReply,
     WeightsOffer,
     WeightsLoaded,
+    CanaryReport,
 ]
 """Every wire message; the codec decodes bodies against this tagged union."""
 

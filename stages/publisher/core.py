@@ -11,9 +11,10 @@ finish), so a whole update may take ``update_budget_s`` = ``deadline_s × (bucke
 Engines enforce the phases themselves (``stages.rollout.weights``) and abort on expiry; the
 publisher stops waiting for an engine once the budget is spent.
 
-Canary: the offer may carry the learner's teacher-forced logprobs of a fixed prompt, and
-each acknowledgement the engine's, computed on the version it just loaded; ``canary_gap``
-is their mean and max absolute difference, kept per engine per version (``canaries``).
+Canary: the offer may carry the learner's teacher-forced logprobs of a fixed prompt; after
+acknowledging a version each engine sends a ``CanaryReport`` with its own, computed on the
+version it just loaded; ``canary_gap`` is their mean and max absolute difference, kept per
+engine per version (``canaries``, the newest ``CANARY_VERSIONS`` versions).
 
 Invariants and failure behaviour:
 - Versions are handled in order; a newer offer supersedes a pending older one (its
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from schemas.messages import WeightsLoaded, WeightsOffer, WeightsReady
+from schemas.messages import CanaryReport, WeightsLoaded, WeightsOffer, WeightsReady
 
 
 def update_budget_s(deadline_s: float, n_buckets: int) -> float:
@@ -40,9 +41,9 @@ def update_budget_s(deadline_s: float, n_buckets: int) -> float:
     return deadline_s * (n_buckets + 2)
 
 
-def canary_gap(offer: WeightsOffer, ack: WeightsLoaded) -> tuple[float, float] | None:
+def canary_gap(learner: np.ndarray | None, engine: np.ndarray | None) -> tuple[float, float] | None:
     """(mean, max) |learner − engine| canary logprob, or None when either side has none."""
-    a, b = offer.canary_logprobs, ack.canary_logprobs
+    a, b = learner, engine
     if a is None or b is None or len(a) != len(b) or len(a) == 0:
         return None
     d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
@@ -73,6 +74,8 @@ class PublisherCore:
         self.incomplete_versions: list[int] = []
         self.canaries: dict[int, dict[str, tuple[float, float]]] = {}
         """version → engine → (mean, max) canary gap; the newest ``CANARY_VERSIONS`` kept."""
+        self.learner_canary: dict[int, np.ndarray] = {}
+        """version → the learner's canary logprobs from its offer (same retention)."""
         self.last_failed: dict[str, str] = {}
         """engine → why it failed the last version that completed (for logs and metrics)."""
 
@@ -83,7 +86,23 @@ class PublisherCore:
         if self.pending is not None:
             self.incomplete_versions.append(self.pending.offer.manifest.version)
         self.pending = PendingVersion(offer, now, self.expected - self.lagging)
+        if offer.canary_logprobs is not None:
+            self.learner_canary[offer.manifest.version] = offer.canary_logprobs
+            self._trim(self.learner_canary)
         return offer
+
+    def canary(self, report: CanaryReport) -> tuple[float, float] | None:
+        """Record an engine's canary; returns its (mean, max) gap to the learner's, or None
+        when the learner's canary of that version is unknown (or lengths differ)."""
+        gap = canary_gap(self.learner_canary.get(report.version), report.logprobs)
+        if gap is not None:
+            self.canaries.setdefault(report.version, {})[report.engine] = gap
+            self._trim(self.canaries)
+        return gap
+
+    def _trim(self, d: dict) -> None:
+        while len(d) > self.CANARY_VERSIONS:
+            del d[min(d)]
 
     def loaded(self, ack: WeightsLoaded) -> WeightsReady | None:
         """Record an engine's result; returns ``WeightsReady`` when the version is live."""
@@ -100,11 +119,6 @@ class PublisherCore:
             p.failed[ack.engine] = f"digest mismatch in bucket(s) {bad or 'count'}"
         else:
             p.confirmed[ack.engine] = ack.load_seconds
-            gap = canary_gap(p.offer, ack)
-            if gap is not None:
-                self.canaries.setdefault(ack.version, {})[ack.engine] = gap
-                while len(self.canaries) > self.CANARY_VERSIONS:
-                    del self.canaries[min(self.canaries)]
         p.waiting_for.discard(ack.engine)
         return self._maybe_ready()
 

@@ -1,13 +1,14 @@
 """Publisher stage shell: offers from the learner → engines, confirmations → WeightsReady.
 
 Sockets: PULL ``publish`` (bound here; learner rank 0 sends ``WeightsOffer``, engines send
-``WeightsLoaded``), PUB ``weights`` (bound here; offers and ``WeightsReady``, with a
+``WeightsLoaded`` and ``CanaryReport``), PUB ``weights`` (bound here; offers and ``WeightsReady``, with a
 last-value cache so a (re)starting engine gets the newest offer first).
 Deadlines are checked every ``TICK_S``. Each engine's canary gap (learner vs engine
-teacher-forced logprobs of a fixed prompt, ``core.canary_gap``) is logged per version, and
-once a version is settled the publisher sends ``Metrics`` (step = version): publish time,
-lagging/failed engines, and the canary gaps (mean and max over engines, and the max per
-engine as ``canary_gap_max/<engine>``); the supervisor adds the newest to ``metrics.jsonl``.
+teacher-forced logprobs of a fixed prompt, ``core.canary_gap``) is logged per version and
+sent as ``Metrics`` (step = version; mean and max over the engines reported so far, and the
+max per engine as ``canary_gap_max/<engine>``); once a version is settled the publisher
+sends its publish time and lagging/failed engines the same way. The supervisor adds the
+newest of these figures to every ``metrics.jsonl`` row.
 
 Failure behaviour: the publisher holds no bytes and no state that survives it; if it dies,
 the offer in flight is lost (engines stay on their version), and the learner's next offer
@@ -23,23 +24,28 @@ import msgspec
 
 import transport
 from pipeline.runtime import StageContext
-from schemas.messages import WeightsLoaded, WeightsOffer
-from stages.publisher.core import PublisherCore, canary_gap
+from schemas.messages import CanaryReport, WeightsLoaded, WeightsOffer
+from stages.publisher.core import PublisherCore
 
 TICK_S = 0.2
 """Deadline resolution; deadlines are seconds long, so 200 ms is precise enough."""
 
 
 def settled_metrics(core: PublisherCore, version: int, staged_at: float, ready: bool) -> dict[str, float]:
+    return {"weights_version": float(version), "weights_ready": float(ready),
+            "weights_publish_s": max(0.0, time.time() - staged_at) if staged_at else 0.0,
+            "weights_lagging": float(len(core.lagging)), "weights_failed": float(len(core.last_failed)),
+            "weights_incomplete": float(len(core.incomplete_versions))}
+
+
+def canary_metrics(core: PublisherCore, version: int) -> dict[str, float]:
     gaps = core.canaries.get(version, {})
-    out = {"weights_version": float(version), "weights_ready": float(ready),
-           "weights_publish_s": max(0.0, time.time() - staged_at) if staged_at else 0.0,
-           "weights_lagging": float(len(core.lagging)), "weights_failed": float(len(core.last_failed)),
-           "weights_incomplete": float(len(core.incomplete_versions))}
-    if gaps:
-        out["canary_gap_mean"] = float(sum(m for m, _ in gaps.values()) / len(gaps))
-        out["canary_gap_max"] = float(max(x for _, x in gaps.values()))
-        out.update({f"canary_gap_max/{e}": x for e, (_, x) in sorted(gaps.items())})
+    if not gaps:
+        return {}
+    out = {"canary_version": float(version),
+           "canary_gap_mean": float(sum(m for m, _ in gaps.values()) / len(gaps)),
+           "canary_gap_max": float(max(x for _, x in gaps.values()))}
+    out.update({f"canary_gap_max/{e}": x for e, (_, x) in sorted(gaps.items())})
     return out
 
 
@@ -64,12 +70,13 @@ async def run(ctx: StageContext) -> None:
         elif isinstance(msg, WeightsLoaded):
             if not msg.ok:
                 ctx.log.warning("engine refused version", engine=msg.engine, version=msg.version, error=msg.error)
-            elif pending is not None and pending.offer.manifest.version == msg.version:
-                gap = canary_gap(pending.offer, msg)
-                if gap is not None:
-                    ctx.log.info("canary", engine=msg.engine, version=msg.version,
-                                 gap_mean=round(gap[0], 7), gap_max=round(gap[1], 7))
             ready = core.loaded(msg)
+        elif isinstance(msg, CanaryReport):
+            gap = core.canary(msg)
+            if gap is not None:
+                ctx.log.info("canary", engine=msg.engine, version=msg.version,
+                             gap_mean=round(gap[0], 7), gap_max=round(gap[1], 7))
+                await ctx.metrics(msg.version, canary_metrics(core, msg.version))
         ready = ready or core.expire(time.monotonic())
         if pending is not None and core.pending is not pending:  # that version settled
             version = pending.offer.manifest.version

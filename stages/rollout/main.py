@@ -58,6 +58,8 @@ async def run(ctx: StageContext) -> None:
             ctx.weight_version = engine.weight_version
             ctx.log.info("weights loaded", version=ack.version, ok=ack.ok, error=ack.error,
                          seconds=round(ack.load_seconds, 4))
+            if ack.ok and (report := await loader.canary_report(offer)) is not None:
+                await acks.send(report)  # after the acknowledgement: never delays readiness
 
     try:  # newest complete version before accepting work
         first = await asyncio.wait_for(weights.recv(), FIRST_OFFER_WAIT_S)

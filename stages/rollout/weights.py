@@ -8,8 +8,9 @@
 - ``nccl``: join the offer's broadcast group if it is new to this engine (rank =
   position in ``group.members`` + 1), then ``engine.update_weights_nccl`` receives every
   bucket from rank 0 (``protocol="vllm"``: the vLLM engine joins vLLM's group itself).
-After the version is live it runs the offer's canary prompt (``teacher_forced_logprobs``)
-and reports the logprobs with the digests.
+After the acknowledgement, ``canary_report(offer)`` runs the offer's canary prompt on the
+version just loaded (``teacher_forced_logprobs``) for a ``CanaryReport`` (the shell sends
+it after the ``WeightsLoaded``, so the canary never delays the version's readiness).
 
 Deadlines: each phase gets ``offer.deadline_s``: start (nccl: joining, within that time of
 ``offer.staged_at``; then ``start_weight_update``, which pauses generation), each bucket
@@ -41,7 +42,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from schemas.messages import WeightsLoaded, WeightsOffer
+from schemas.messages import CanaryReport, WeightsLoaded, WeightsOffer
 from stages.publisher.manifest import DigestMismatch, ManifestMismatch
 from stages.publisher.shm import ShmWeightReader, TornRead
 
@@ -79,7 +80,7 @@ class WeightLoader:
             return WeightsLoaded(version, self.engine_name, False, [], str(e), time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
         self.loaded_any = True
-        return WeightsLoaded(version, self.engine_name, True, digests, "", seconds, await self._canary(offer))
+        return WeightsLoaded(version, self.engine_name, True, digests, "", seconds)
 
     # ------------------------------------------------------------------ phases
     async def _load(self, offer: WeightsOffer) -> list[str]:
@@ -174,13 +175,16 @@ class WeightLoader:
             self.group.abort()
             self.group = None
 
-    async def _canary(self, offer: WeightsOffer) -> np.ndarray | None:
-        if offer.canary_ids is None:
+    async def canary_report(self, offer: WeightsOffer) -> CanaryReport | None:
+        """The engine's canary logprobs on the live version, if it is the offer's version and
+        the offer has a canary and the engine can run it (else None; the update stands)."""
+        if offer.canary_ids is None or self.engine.weight_version != offer.manifest.version:
             return None
         try:
-            return np.asarray(await self.engine.teacher_forced_logprobs(offer.canary_ids), np.float32)
-        except Exception:  # noqa: BLE001 - no canary is reported as none; the update stands
+            lp = await self.engine.teacher_forced_logprobs(offer.canary_ids)
+        except Exception:  # noqa: BLE001 - an engine without a canary reports none
             return None
+        return CanaryReport(offer.manifest.version, self.engine_name, np.asarray(lp, np.float32))
 
     def close(self) -> None:
         self.reader.close()

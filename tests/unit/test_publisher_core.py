@@ -63,15 +63,16 @@ def test_newer_offer_supersedes_pending_one():
 def test_canary_gap_per_engine_and_version():
     import numpy as np
 
+    from schemas.messages import CanaryReport
+
     core = PublisherCore({"rollout/0", "rollout/1"})
     o = offer(1)
     o.canary_ids = np.arange(4, dtype=np.int32)
     o.canary_logprobs = np.array([-1.0, -2.0, -3.0], np.float32)
     core.offer(o, now=0)
-    a = ok(1, "rollout/0")
-    a.canary_logprobs = np.array([-1.0, -2.5, -3.0], np.float32)
-    b = ok(1, "rollout/1")  # an engine without a canary: no gap recorded, still confirmed
-    core.loaded(a)
-    assert core.loaded(b).version == 1
-    mean, mx = core.canaries[1]["rollout/0"]
-    assert abs(mean - 0.5 / 3) < 1e-9 and mx == 0.5 and "rollout/1" not in core.canaries[1]
+    core.loaded(ok(1, "rollout/0"))
+    assert core.loaded(ok(1, "rollout/1")).version == 1  # readiness never waits for canaries
+    mean, mx = core.canary(CanaryReport(1, "rollout/0", np.array([-1.0, -2.5, -3.0], np.float32)))
+    assert abs(mean - 0.5 / 3) < 1e-9 and mx == 0.5 and core.canaries[1] == {"rollout/0": (mean, mx)}
+    assert core.canary(CanaryReport(1, "rollout/1", np.zeros(2, np.float32))) is None  # wrong length
+    assert core.canary(CanaryReport(7, "rollout/1", np.zeros(3, np.float32))) is None  # unknown version
