@@ -70,8 +70,14 @@ MESSAGES = st.one_of(
     st.builds(m.WeightsOffer, st.builds(
         m.WeightManifest, ints,
         st.lists(st.builds(m.TensorEntry, texts, texts, st.lists(ints, max_size=3), ints, ints, ints), max_size=3),
-        st.lists(st.builds(m.WeightBucket, ints, ints, texts), max_size=3), ints), texts, texts, st.floats(0, 100)),
+        st.lists(st.builds(m.WeightBucket, ints, ints, texts), max_size=3), ints), texts, texts, st.floats(0, 100),
+        st.lists(st.builds(m.CudaIpcHandle, texts, st.lists(ints, max_size=2), st.lists(ints, max_size=2), ints, texts,
+                           st.binary(max_size=64), ints, ints, st.binary(max_size=16), ints, st.binary(max_size=8),
+                           st.booleans()), max_size=2),
+        st.one_of(st.none(), st.builds(m.WeightGroup, texts, ints, texts, st.lists(texts, max_size=3), texts, texts)),
+        st.floats(0, 2e9), st.one_of(st.none(), arrays(np.int32)), st.one_of(st.none(), arrays(np.float32))),
     st.builds(m.WeightsLoaded, ints, texts, st.booleans(), st.lists(texts, max_size=3), texts, st.floats(0, 9)),
+    st.builds(m.CanaryReport, ints, texts, arrays(np.float32)),
 )
 
 
@@ -79,7 +85,7 @@ def test_every_message_type_is_covered():
     covered = {"prompt_group", "rollout", "scored_group", "train_group", "group_failed", "progress",
                "weights_ready", "control", "heartbeat", "metrics", "hello", "welcome", "snapshot_request",
                "credit", "scale_request", "status_request", "status_reply",
-               "weights_offer", "weights_loaded"}
+               "weights_offer", "weights_loaded", "canary_report"}
     assert covered | {"snapshot"} == set(m.TAGS)  # Snapshot is covered by the PUB/SUB tests
 
 
