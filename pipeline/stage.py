@@ -3,12 +3,17 @@
 ``KIND`` is a stage kind (``source``, ``rollout``, ``reward``, ``logprob``, ``learner``,
 ``publisher``) whose ``stages/<kind>/main.py`` defines ``async run(ctx)``, or a
 ``module:function`` naming such a coroutine (tests use this for fake stages).
+
+``CONVEYOR_PROFILE_DIR=D`` (environment) runs the replica under cProfile and writes
+``D/<name>-<replica>.prof`` when it exits normally (drain): where a stage spends its CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     body = resolve(args.kind)
     name = args.name or (args.kind if ":" not in args.kind else args.kind.split(":")[1])
-    return transport.run(run_stage(name, args.replica, args.run_dir, body))
+    profile_dir = os.environ.get("CONVEYOR_PROFILE_DIR")
+    if not profile_dir:
+        return transport.run(run_stage(name, args.replica, args.run_dir, body))
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(transport.run, run_stage(name, args.replica, args.run_dir, body))
+    finally:
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(Path(profile_dir) / f"{name.replace('/', '-')}-{args.replica}.prof")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ Invariants:
   longest``): similar lengths share a micro-batch, so little of the budget is padding. A
   sequence longer than the budget gets a micro-batch of its own.
 - Packing never changes the step's loss (weights are per token), only the float
-  summation order.
+  summation order. Nor does leaving out zero-advantage sequences where the caller allows it
+  (their gradient is exactly zero; the weights still count their tokens).
 
 Failure behaviour: ``group_problem`` names what is wrong with a malformed group (array
 lengths that disagree, non-finite rewards or logprobs); ``Learner.admit`` drops such a group
@@ -141,8 +142,16 @@ def collate(items: list[SeqItem], device: torch.device) -> MicroBatch:
 
 
 def rank_micro_batches(groups: list[TrainGroup], *, aggregation: str, budget: int, rank: int, world: int,
-                       device: torch.device) -> list[MicroBatch]:
-    planned = pack(step_items(groups, aggregation), budget)
+                       device: torch.device, skip_zero_advantage: bool = False) -> list[MicroBatch]:
+    """This rank's micro-batches. ``skip_zero_advantage``: leave out sequences whose advantage
+    is exactly 0 (every sample of a group scored the same). Their policy-loss gradient is
+    exactly zero and the weights above were computed over all sequences, so the step's
+    gradient is unchanged; only valid when nothing else (KL to a reference, MoE router
+    losses) gives them a gradient — the caller decides."""
+    items = step_items(groups, aggregation)
+    if skip_zero_advantage:
+        items = [it for it in items if it.advantage != 0.0]
+    planned = pack(items, budget)
     rounds = max(1, -(-len(planned) // world))
     mine = [planned[k * world + rank] if k * world + rank < len(planned) else [] for k in range(rounds)]
     return [collate(items, device) for items in mine]

@@ -33,6 +33,11 @@ from stages.publisher.outlet import WeightOutlet
 def _init_dist(ctx: StageContext) -> None:
     s = ctx.stack
     backend = "nccl" if s.learner.device.startswith("cuda") else "gloo"
+    if s.learner.world_size == 1:
+        # One rank needs no rendezvous: an in-process store binds no port, so a port taken by
+        # another process between the supervisor's pick and this bind cannot fail the start.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
     dist.init_process_group(backend, init_method=ctx.endpoints["learner.dist"], rank=ctx.replica,
                             world_size=s.learner.world_size)
 
@@ -78,14 +83,18 @@ async def run(ctx: StageContext) -> None:
 
     try:
         while True:
+            t_wait = time.perf_counter()
             batch = await collect() if rank == 0 else None
             batch = await asyncio.to_thread(broadcast_batch, batch)
+            t_train = time.perf_counter()
             if batch.stop:
                 break
             ctx.in_flight = len(batch.groups)
             result = await asyncio.to_thread(learner.train_step, batch.groups)
+            t_publish = time.perf_counter()
             if result.step % s.publisher.every_steps == 0 and not result.skipped:
                 await stage_weights()
+            t_done = time.perf_counter()
             ctx.weight_version = learner.version
             ctx.processed += len(batch.groups)
             ctx.in_flight = 0
@@ -96,7 +105,12 @@ async def run(ctx: StageContext) -> None:
                                samples_per_s=n_samples / max(now - last_step_at, 1e-9),
                                dropped_stale=float(learner.dropped_counts["stale"]),
                                dropped_duplicate=float(learner.dropped_counts["duplicate"]),
-                               dropped_failed=float(learner.dropped_counts["failed"]))
+                               dropped_failed=float(learner.dropped_counts["failed"]),
+                               dropped_invalid=float(learner.dropped_counts["invalid"]),
+                               # where the step's wall time went: waiting for data (the
+                               # pipeline starving the learner), training, staging weights
+                               wait_s=t_train - t_wait, train_s=t_publish - t_train,
+                               publish_s=t_done - t_publish)
                 last_step_at = now
                 await progress.send(Progress(result.step, result.version, result.consumed_ids, [],
                                              learner.checkpoint_step))

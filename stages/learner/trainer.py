@@ -45,7 +45,7 @@ from stages.learner import checkpoint as ckpt
 from stages.learner.batch import group_problem, rank_micro_batches
 from stages.learner.config import LearnerConfig
 from stages.learner.fsdp import build_sharded, full_parameters
-from stages.learner.loss import MAX_METRICS, MIN_METRICS, SUM_METRICS, policy_loss
+from stages.learner.loss import MAX_METRICS, MIN_METRICS, SUM_METRICS, grpo_advantages, policy_loss
 from stages.model import is_moe
 
 CONSUMED_FILE = "consumed.jsonl"
@@ -172,8 +172,13 @@ class Learner:
         """One optimizer step on ``groups`` (identical on every rank; collective). ``corrupt_grads``
         writes NaN into this rank's gradient shards (fault injection for tests)."""
         cfg = self.cfg
+        # Zero-advantage sequences add exactly nothing to the gradient unless a KL term or an
+        # MoE router loss sees them; skipping them is exact and, once a group's samples all
+        # score alike (early: all wrong; late: all right), saves most of the step.
+        skip_zero = cfg.kl_coef == 0.0 and not self.moe
         mbs = rank_micro_batches(groups, aggregation=cfg.aggregation, budget=cfg.micro_batch_tokens,
-                                 rank=self.rank, world=self.world, device=self.device)
+                                 rank=self.rank, world=self.world, device=self.device,
+                                 skip_zero_advantage=skip_zero)
         records: list[dict[str, torch.Tensor]] = []  # per micro-batch, read after the loop (no per-mb sync)
         for mb in mbs:
             # use_cache=False: a KV cache growing during the forward would make activation
@@ -229,6 +234,7 @@ class Learner:
         rewards = np.concatenate([g.scored.rewards for g in groups]) if groups else np.zeros(0)
         trained_at = self.version - (0 if skipped else 1)
         lags = [sample_lag(g, trained_at) for g in groups]
+        zero_adv = np.concatenate([grpo_advantages(g.scored.rewards) == 0 for g in groups]) if groups else []
         metrics = {
             "loss": total["loss"], "aux_loss": total["aux_loss"], "grad_norm": norm, "skipped": float(skipped),
             "tokens": total["tokens"], "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
@@ -238,6 +244,7 @@ class Learner:
             "is_weight_min": total["is_weight_min"] if np.isfinite(total["is_weight_min"]) else 0.0,
             "is_truncated_frac": total["is_truncated_tokens"] / tokens,
             "is_clipped_frac": total["clipped_tokens"] / tokens, "kl_mean": total["kl_sum"] / tokens,
+            "zero_adv_frac": float(np.mean(zero_adv)) if len(zero_adv) else 0.0,
             "staleness_mean": float(np.mean(lags)) if lags else 0.0, "staleness_max": float(max(lags, default=0)),
             "lr": self.scheduler.get_last_lr()[0], "weight_version": float(self.version),
         }

@@ -15,7 +15,8 @@ Isolation (``config.isolation``):
   ``PYTHONPATH`` so user modules import as they do in the stage). A sample whose function has not replied within
   ``sample_timeout_s`` gets reward 0 and a ``timeout`` error; its worker is killed by pid
   (SIGKILL) and replaced by a fresh process, so a hang costs one time limit and never
-  stalls the stage. Specs are imported in a worker before the timer starts (``load``), so
+  stalls the stage. A group goes to the workers as one request per worker (a contiguous
+  slice of its samples); replies come back per sample, each timed on its own. Specs are imported in a worker before the timer starts (``load``), so
   import time never counts against a sample. Worker start and spec loading have their own
   limit (``WORKER_START_TIMEOUT_S``).
 - ``inline``: functions run on the calling thread with no time limit; only for trusted,
@@ -89,6 +90,10 @@ class RewardConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class _WorkerFailure(Exception):
     """A worker that could not start, load a spec or reply; the sample gets an error."""
+
+
+class _UnresolvedSpec(Exception):
+    """The worker could not resolve the reward spec (its error text is the message)."""
 
 
 class _ProcessWorker:
@@ -203,6 +208,41 @@ class _ProcessWorker:
             return None
         return str(payload)
 
+    async def score_many(self, spec: str, texts: list[str], answer: str, timeout: float) -> list[tuple[float, str]]:
+        """``(reward, error)`` per text, one request for all of them; each sample still has
+        its own ``timeout`` (from the previous reply). A sample that times out or kills the
+        worker gets its error; the worker is replaced and the rest are sent again."""
+        results: list[tuple[float, str]] = []
+        while len(results) < len(texts):
+            pending = texts[len(results):]
+            try:
+                load_error = await self.ensure_spec(spec)
+            except _WorkerFailure as exc:
+                if not results:
+                    raise
+                return results + [(0.0, f"worker failure: {exc}")] * len(pending)
+            if load_error is not None:
+                raise _UnresolvedSpec(load_error)
+            pid = self.pid
+            try:
+                self._conn.send(("score_many", spec, pending, answer))
+            except OSError as exc:
+                self.restart()
+                raise _WorkerFailure(f"worker died before scoring: {describe_exception(exc)}") from exc
+            for _ in pending:
+                try:
+                    status, payload = await self._reply(timeout)
+                except TimeoutError:
+                    self.restart()
+                    results.append((0.0, f"timeout: reward {spec!r} gave no result within {timeout:g} s "
+                                         f"(worker pid {pid} killed and replaced)"))
+                    break
+                except _WorkerFailure as exc:  # _reply replaced the dead worker
+                    results.append((0.0, f"worker failure: {exc}"))
+                    break
+                results.append((float(payload), "") if status == "ok" else (0.0, str(payload)))
+        return results
+
     async def score(self, spec: str, completion_text: str, answer: str, timeout: float) -> float:
         """Reward of one sample; raises ``TimeoutError``, ``_WorkerFailure`` or ``ValueError``
         (the function's own error text)."""
@@ -297,7 +337,14 @@ class RewardScorer:
         spec = self.spec_for(rollout.group.task)
         answer = rollout.group.answer
         texts = [completion_text(self._tokenizer, s.token_ids) for s in rollout.samples]
-        results = await asyncio.gather(*(self._score_one(spec, text, answer) for text in texts))
+        if self.config.isolation == "inline" or spec in self._bad_specs or not texts:
+            results = [await self._score_one(spec, text, answer) for text in texts]
+        else:  # one request per worker: contiguous slices of the group, scored in parallel
+            n = min(self.config.num_workers, len(texts))
+            bounds = [len(texts) * i // n for i in range(n + 1)]
+            chunks = await asyncio.gather(*(self._score_chunk(spec, texts[a:b], answer)
+                                            for a, b in zip(bounds, bounds[1:])))
+            results = [r for chunk in chunks for r in chunk]
         rewards = np.asarray([reward for reward, _ in results], dtype=np.float32)
         errors = [error for _, error in results]
         self.counters["groups"] += 1
@@ -325,6 +372,20 @@ class RewardScorer:
             return 0.0, str(exc)
         except (_WorkerFailure, ValueError) as exc:
             return 0.0, str(exc) if isinstance(exc, ValueError) else f"worker failure: {exc}"
+        finally:
+            if self._idle is not None:
+                self._idle.put_nowait(worker)
+
+    async def _score_chunk(self, spec: str, texts: list[str], answer: str) -> list[tuple[float, str]]:
+        assert self._idle is not None
+        worker = await self._idle.get()
+        try:
+            return await worker.score_many(spec, texts, answer, self.config.sample_timeout_s)
+        except _UnresolvedSpec as exc:
+            self._bad_specs[spec] = f"unresolved reward spec: {exc}"
+            return [(0.0, self._bad_specs[spec])] * len(texts)
+        except _WorkerFailure as exc:  # could not start, load or take the request
+            return [(0.0, f"worker failure: {exc}")] * len(texts)
         finally:
             if self._idle is not None:
                 self._idle.put_nowait(worker)

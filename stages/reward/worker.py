@@ -10,6 +10,9 @@ request at a time, one reply per request:
 - ``("load", spec)`` → ``("ok", None)`` or ``("error", text)``: resolve a reward spec
   (imports happen here, outside any per-sample time limit);
 - ``("score", spec, completion_text, answer)`` → ``("ok", reward)`` or ``("error", text)``;
+- ``("score_many", spec, [completion_text, ...], answer)`` → one such reply per text, in
+  order, each sent as soon as it is computed (the parent times every sample separately,
+  and one request per group saves a pipe round trip per sample);
 - ``None`` or a closed pipe → the child exits.
 
 Invariants: every request gets exactly one reply unless the child is killed or dies; any
@@ -57,6 +60,16 @@ def serve(conn: Connection) -> None:
             if request[0] == "load":
                 functions[request[1]] = resolve_reward_fn(request[1])
                 conn.send(("ok", None))
+            elif request[0] == "score_many":
+                _, spec, texts, answer = request
+                function = functions.get(spec)
+                if function is None:
+                    function = functions[spec] = resolve_reward_fn(spec)
+                for text in texts:
+                    try:
+                        conn.send(("ok", check_reward_value(function(text, answer))))
+                    except BaseException as exc:  # one sample's failure is that sample's reply
+                        conn.send(("error", describe_exception(exc)))
             else:
                 _, spec, completion_text, answer = request
                 function = functions.get(spec)

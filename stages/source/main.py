@@ -2,7 +2,8 @@
 
 Sockets: PUSH ``prompts`` (groups), PUSH ``train`` (``GroupFailed`` for abandoned groups, so
 the learner records their terminal state), SUB ``progress`` (consumed/dropped ids and the
-learner version). State (cursor, outstanding groups) is saved to ``source_state.json`` in
+learner version), SUB ``weights`` (``WeightsReady``: the live version, see the source's
+"Weight lag"). State (cursor, outstanding groups) is saved to ``source_state.json`` in
 the run dir after every batch it issues, and restored at start, so a restarted source
 reissues what was outstanding instead of forgetting it. ``Control(REISSUE)`` (sent by the
 supervisor when a downstream replica restarts) reissues every outstanding group at once.
@@ -14,10 +15,13 @@ import asyncio
 import time
 
 from pipeline.runtime import StageContext
-from schemas.messages import ControlCommand, Progress
+from schemas.messages import ControlCommand, Progress, WeightsReady
 from stages.source.source import PromptSource, SourceConfig
 
 STATE_FILE = "source_state.json"
+WEIGHTS_WAIT_FACTOR = 3
+"""Issue anyway after waiting this many publisher deadlines for the newest weights: by then
+the publisher has given up on that version (engines stay on their last complete one)."""
 IDLE_POLL_S = 0.5
 """Longest sleep between polls when no progress arrives (lease checks need no more)."""
 
@@ -28,7 +32,8 @@ def source_config(ctx: StageContext) -> SourceConfig:
         task=s.task.name, dataset_path=s.task.dataset, prompt_field=s.task.prompt_field,
         answer_field=s.task.answer_field, n_samples=s.source.group_size,
         groups_per_step=s.learner.groups_per_step, max_staleness=s.run.max_staleness,
-        lease_seconds=s.source.lease_s, seed=s.run.seed,
+        lease_seconds=s.source.lease_s, seed=s.run.seed, follow_weights=True,
+        weights_wait_s=WEIGHTS_WAIT_FACTOR * s.publisher.deadline_s,
     )
 
 
@@ -40,6 +45,7 @@ async def run(ctx: StageContext) -> None:
         ctx.log.info("source resumed", cursor=src.cursor, outstanding=len(src.outstanding))
     out, failed_out = ctx.work_out("prompts"), ctx.work_out("train")
     progress = await ctx.subscribe("progress", topics=("progress",))
+    weights = await ctx.subscribe("weights", topics=("weights_ready",))
     wake = asyncio.Event()
     reissue = asyncio.Event()
     ctx.control_handlers[ControlCommand.REISSUE] = lambda _msg: (reissue.set(), wake.set())
@@ -51,7 +57,14 @@ async def run(ctx: StageContext) -> None:
                 ctx.weight_version = msg.version
                 wake.set()
 
+    async def follow_weights() -> None:
+        async for msg in weights:
+            if isinstance(msg, WeightsReady):
+                src.on_weights_ready(msg.version)
+                wake.set()
+
     follower = asyncio.get_running_loop().create_task(follow_progress())
+    weights_follower = asyncio.get_running_loop().create_task(follow_weights())
     try:
         while not ctx.draining.is_set():
             groups = src.reissue_all_outstanding() if reissue.is_set() else []
@@ -74,5 +87,6 @@ async def run(ctx: StageContext) -> None:
                 pass
     finally:
         follower.cancel()
+        weights_follower.cancel()
         src.save_state(state_path)
         src.close()

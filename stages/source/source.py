@@ -18,6 +18,16 @@ synchronous RL: the source issues one step's worth and waits until all of it is 
 The bound counts outstanding groups rather than total issues so that dropped or failed
 groups return their credit and the learner never starves.
 
+Weight lag (``follow_weights``). The engines generate with the newest *live* version (``WeightsReady``), which
+trails the learner while an update is in flight: ``lag = learner_version - live_version``.
+Groups generated then are ``lag`` versions older than the rule above assumes, so the window
+shrinks to ``groups_per_step * (max_staleness + 1 - lag)`` (never below 0). With
+``max_staleness = 0`` generation therefore waits for the learner's newest weights to be
+live (truly synchronous RL, no stale drops); with 2 it absorbs a slow update instead of
+producing groups the learner must drop as stale. A lag that blocks issuing for longer than
+``weights_wait_s`` (an update that never goes live) is ignored from then on, so the stack
+cannot deadlock on a lost ``WeightsReady``.
+
 Leases: each outstanding group carries the time of its latest issue. ``poll()`` reissues
 (same ``group_id``, ``attempt + 1``, ``issued_version`` = current learner version) every
 group whose lease (``lease_seconds``) expired; ``reissue_all_outstanding()`` does so for all
@@ -112,6 +122,11 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A group not reported consumed/dropped this long after its latest issue is reissued."""
     max_attempts: int = 5
     """Issues per group (first + reissues) before it is abandoned as failed."""
+    follow_weights: bool = False
+    """Count the weight lag (needs ``on_weights_ready`` calls; the stage shell subscribes
+    to ``WeightsReady``); off: the lag is taken as 0."""
+    weights_wait_s: float = 60.0
+    """Longest wait for the learner's newest weights to go live before issuing anyway."""
     seed: int = 0
     """Run seed: prompt order and group ids derive from it."""
 
@@ -164,6 +179,9 @@ class PromptSource:
         self.cursor = 0
         self.learner_version = 0
         self.outstanding: dict[str, OutstandingGroup] = {}
+        self.live_version = 0
+        """Newest version the engines serve (``WeightsReady``); see "Weight lag"."""
+        self._lag_blocked_since: float | None = None
         self.undurable: dict[str, tuple[int, OutstandingGroup]] = {}
         """Consumed groups a learner rollback would lose: id → (step consumed, entry)."""
         self.learner_step = 0
@@ -184,9 +202,19 @@ class PromptSource:
         """``W = groups_per_step * (max_staleness + 1)``: the most outstanding groups."""
         return self.config.groups_per_step * (self.config.max_staleness + 1)
 
-    def credit(self) -> int:
+    def credit(self, now: float | None = None) -> int:
         """Fresh groups that may be issued now (0 when the dataset is exhausted)."""
-        credit = max(0, self.window - len(self.outstanding))
+        now = self._clock() if now is None else now
+        lag = max(0, self.learner_version - self.live_version) if self.config.follow_weights else 0
+        window = self.config.groups_per_step * max(0, self.config.max_staleness + 1 - lag)
+        if window < self.window and window <= len(self.outstanding):  # held back by the lag
+            if self._lag_blocked_since is None:
+                self._lag_blocked_since = now
+            if now - self._lag_blocked_since >= self.config.weights_wait_s:
+                window = self.window  # weights never went live: issue rather than deadlock
+        else:
+            self._lag_blocked_since = None
+        credit = max(0, window - len(self.outstanding))
         if self._rows is not None and self.config.epochs > 0:
             credit = min(credit, self.config.epochs * len(self._rows) - self.cursor)
         return credit
@@ -210,7 +238,7 @@ class PromptSource:
                 group = self._reissue(entry, now, "lease")
                 if group is not None:
                     out.append(group)
-        for _ in range(self.credit()):
+        for _ in range(self.credit(now)):
             out.append(self._issue_fresh(now))
         return out
 
@@ -272,6 +300,7 @@ class PromptSource:
         """A newer live version (from ``WeightsReady``) also advances the learner version
         (never lowers it: an old broadcast may arrive late)."""
         self.learner_version = max(self.learner_version, version)
+        self.live_version = max(self.live_version, version)
 
     # ------------------------------------------------------------------ state
 

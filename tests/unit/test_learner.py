@@ -272,3 +272,25 @@ def test_a_resumed_learner_refuses_every_id_that_reached_a_terminal_state(one_ra
     assert [g.scored.rollout.group.group_id for g in keep] == ["new"]
     assert [(d.group_id, d.reason) for d in dropped] == [(trained[0].scored.rollout.group.group_id, "duplicate"),
                                                          ("old", "duplicate"), ("bad", "duplicate")]
+
+
+def test_leaving_out_zero_advantage_samples_changes_nothing_but_the_work(one_rank, tmp_path, monkeypatch):
+    import stages.learner.trainer as trainer_module
+
+    def mixed_batch(step):  # half the groups scored alike (every advantage exactly 0)
+        return [make_train_group(f"z{step}g{i}", n_samples=4, length=6 + i, seed=10 * step + i,
+                                 rewards=np.full(4, 0.5, np.float32) if i % 2 else None) for i in range(4)]
+
+    skipping = Learner(CFG, run_dir=tmp_path / "a")
+    got = [skipping.train_step(mixed_batch(s)).metrics for s in range(2)]
+    real = trainer_module.rank_micro_batches
+    monkeypatch.setattr(trainer_module, "rank_micro_batches",
+                        lambda *a, **kw: real(*a, **dict(kw, skip_zero_advantage=False)))
+    full = Learner(CFG, run_dir=tmp_path / "b")
+    want = [full.train_step(mixed_batch(s)).metrics for s in range(2)]
+    a, b = params(skipping), params(full)
+    # Only float summation order differs (other padding, other packing); Adam divides by
+    # sqrt(v), which lifts rounding-level differences of near-zero gradients to ~1e-5.
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-4
+    assert [m["grad_norm"] for m in got] == pytest.approx([m["grad_norm"] for m in want], rel=1e-5)
+    assert got[0]["zero_adv_frac"] == 0.5 and got[0]["tokens"] < want[0]["tokens"]  # half the work

@@ -52,6 +52,37 @@ def test_never_issues_past_the_staleness_bound(tmp_path, max_staleness):
     assert source.counters["consumed"] == 20 * groups_per_step
 
 
+@pytest.mark.parametrize("max_staleness", [0, 2])
+def test_weight_lag_shrinks_the_window_so_nothing_is_generated_too_stale(tmp_path, max_staleness):
+    clock = FakeClock()
+    source = make_source(tmp_path, clock=clock, groups_per_step=2, max_staleness=max_staleness,
+                         lease_seconds=1e9, follow_weights=True, weights_wait_s=30.0)
+    first = source.poll()
+    assert len(first) == 2 * (max_staleness + 1)
+    source.on_progress(Progress(1, 1, [g.group_id for g in first[:2]]))  # v1 trained, not live yet
+    assert len(source.poll()) == 2 * (max_staleness + 1) - 2 - len(first[2:])  # window shrank by one step
+    if max_staleness == 0:
+        assert source.poll() == []  # synchronous: wait for v1 to be live
+        clock.advance(29.0)
+        assert source.poll() == []
+        source.on_weights_ready(1)
+        assert len(source.poll()) == 2
+    else:
+        source.on_weights_ready(1)
+        assert len(source.poll()) == 2
+
+
+def test_a_version_that_never_goes_live_stalls_issuing_only_for_weights_wait_s(tmp_path):
+    clock = FakeClock()
+    source = make_source(tmp_path, clock=clock, groups_per_step=2, max_staleness=0, lease_seconds=1e9,
+                         follow_weights=True, weights_wait_s=30.0)
+    groups = source.poll()
+    source.on_progress(Progress(1, 1, [g.group_id for g in groups]))
+    assert source.poll() == []
+    clock.advance(30.0)
+    assert len(source.poll()) == 2  # issue anyway rather than deadlock
+
+
 def test_dropped_groups_return_their_credit(tmp_path):
     source = make_source(tmp_path)
     groups = source.poll()
