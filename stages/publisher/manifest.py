@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +54,37 @@ C1_STEP_ROWS = 32
 """Rows reduced (and, when packing, copied) per step: 256 KiB, so the row sums and the
 column sums (and the copy) of a step share one trip through memory (L2-resident)."""
 _MASK64 = (1 << 64) - 1
+HOST_THREADS = int(os.environ.get("CONVEYOR_WEIGHT_THREADS", "0")) or min(8, os.cpu_count() or 1)
+"""Threads that pack, digest and copy host payloads (numpy releases the GIL in its loops).
+Weight movement is a burst on the critical path of every update, so it takes the cores the
+host has; ``CONVEYOR_WEIGHT_THREADS`` overrides (1: serial)."""
+PIECE_BYTES = 8 << 20
+"""Work unit of the threaded paths: large tensors are split into 8 MiB pieces (a multiple
+of the c1 row), so one embedding matrix does not serialise the pool."""
+THREADED_MIN_BYTES = 64 << 20
+"""Payloads below this run serially: a pool's hand-offs cost more than they save (the
+default CPU model is ~2 MB)."""
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _parallel(fn: Callable[[Any], Any], items: Sequence[Any], nbytes: int) -> list[Any]:
+    """``[fn(x) for x in items]``, on ``HOST_THREADS`` threads when the payload is large."""
+    global _POOL
+    if HOST_THREADS <= 1 or nbytes < THREADED_MIN_BYTES or len(items) < 2:
+        return [fn(x) for x in items]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="weights")
+    return list(_POOL.map(fn, items))
+
+
+def _pieces(man: WeightManifest) -> list[tuple[int, int, int]]:
+    """(entry index, byte start in the entry, bytes) covering every entry, pieces of at most
+    ``PIECE_BYTES``; starts are multiples of 8, so only an entry's last piece has a partial word."""
+    out = []
+    for i, e in enumerate(man.entries):
+        for c in range(0, max(e.nbytes, 1), PIECE_BYTES):
+            out.append((i, c, min(PIECE_BYTES, e.nbytes - c)))
+    return out
 
 
 class ManifestMismatch(ValueError):
@@ -134,12 +167,21 @@ def _c1_hex(s: int, w: int) -> str:
 
 def c1_digests(man: WeightManifest, buckets: Sequence[np.ndarray]) -> list[str]:
     """``c1`` digest of each bucket; ``buckets[i]``: uint8 array of bucket ``i``'s bytes."""
+
+    def piece(item: tuple[int, int, int]) -> tuple[int, int, int]:
+        i, c, n = item
+        e = man.entries[i]
+        start = e.offset - man.buckets[e.bucket].offset + c
+        return (e.bucket, *_c1_segment(buckets[e.bucket][start : start + n], start // 8))
+
+    return _combine(man, _parallel(piece, _pieces(man), man.total_bytes))
+
+
+def _combine(man: WeightManifest, parts: Iterable[tuple[int, int, int]]) -> list[str]:
     acc = [[0, 0] for _ in man.buckets]
-    for e in man.entries:
-        start = e.offset - man.buckets[e.bucket].offset
-        s, w = _c1_segment(buckets[e.bucket][start : start + e.nbytes], start // 8)
-        acc[e.bucket][0] += s
-        acc[e.bucket][1] += w
+    for b, s, w in parts:
+        acc[b][0] += s
+        acc[b][1] += w
     return [_c1_hex(s, w) for s, w in acc]
 
 
@@ -201,7 +243,7 @@ def pack_into(state: Mapping[str, torch.Tensor], man: WeightManifest, dst: np.nd
     the same layout before: the gaps are still zero)."""
     if dst.size < man.total_bytes:
         raise ValueError(f"version {man.version}: destination of {dst.size} bytes, manifest needs {man.total_bytes}")
-    acc = [[0, 0] for _ in man.buckets]
+    srcs = []
     pos = 0
     for e, t in zip(man.entries, state.values()):
         if zero_padding and e.offset > pos:
@@ -209,16 +251,20 @@ def pack_into(state: Mapping[str, torch.Tensor], man: WeightManifest, dst: np.nd
         src = tensor_bytes(t if t.device.type == "cpu" else t.cpu())
         if src.size != e.nbytes:
             raise ValueError(f"{e.name}: {src.size} bytes, manifest says {e.nbytes}")
-        start = e.offset - man.buckets[e.bucket].offset
-        s, w = _c1_segment(dst[e.offset : e.offset + e.nbytes], start // 8, src)
-        acc[e.bucket][0] += s
-        acc[e.bucket][1] += w
+        srcs.append(src)
         pos = e.offset + e.nbytes
     if zero_padding and man.total_bytes > pos:
         dst[pos : man.total_bytes] = 0
+
+    def piece(item: tuple[int, int, int]) -> tuple[int, int, int]:
+        i, c, n = item
+        e = man.entries[i]
+        start = e.offset - man.buckets[e.bucket].offset + c
+        return (e.bucket, *_c1_segment(dst[e.offset + c : e.offset + c + n], start // 8, srcs[i][c : c + n]))
+
+    digests = _combine(man, _parallel(piece, _pieces(man), man.total_bytes))
     return WeightManifest(man.version, man.entries,
-                          [WeightBucket(b.offset, b.nbytes, _c1_hex(s, w)) for b, (s, w) in zip(man.buckets, acc)],
-                          man.total_bytes)
+                          [WeightBucket(b.offset, b.nbytes, d) for b, d in zip(man.buckets, digests)], man.total_bytes)
 
 
 def pack(state: Mapping[str, torch.Tensor], version: int,
@@ -330,9 +376,20 @@ def _quiet_readonly():
 
 def load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
               names: Iterable[str] | None = None) -> None:
-    """Copy tensors into the model's parameters/buffers in place (casting dtype)."""
+    """Copy tensors into the model's parameters/buffers in place (casting dtype). Host
+    tensors of the parameter's dtype into contiguous host parameters are byte copies in
+    pieces on ``HOST_THREADS`` threads; everything else is ``copy_`` one tensor at a time."""
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
+    pieces, total = [], 0
     with torch.no_grad():
         for name in names or tensors:
-            params[name].copy_(tensors[name])
+            p, t = params[name], tensors[name]
+            if (p.device.type == "cpu" and t.device.type == "cpu" and p.dtype == t.dtype and p.shape == t.shape
+                    and p.is_contiguous() and t.is_contiguous()):
+                dst, src = p.reshape(-1).view(torch.uint8).numpy(), t.reshape(-1).view(torch.uint8).numpy()
+                pieces += [(dst, src, c) for c in range(0, dst.size, PIECE_BYTES)]
+                total += dst.size
+            else:
+                p.copy_(t)
+    _parallel(lambda x: np.copyto(x[0][x[2] : x[2] + PIECE_BYTES], x[1][x[2] : x[2] + PIECE_BYTES]), pieces, total)

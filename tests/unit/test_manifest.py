@@ -92,3 +92,22 @@ def test_c1_digest_sees_swapped_words_and_ignores_padding_garbage():
     garbage = payload.copy()
     garbage[gap] = 7  # between entries: not part of any tensor
     assert bucket_digests(man, garbage) == bucket_digests(man, payload)
+
+
+def test_threaded_pieces_give_the_same_payload_and_digests(monkeypatch):
+    import numpy as np
+
+    import stages.publisher.manifest as m
+
+    state = {"a": torch.randn(50_000), "b": torch.randn(7).to(torch.bfloat16), "c": torch.randn(3000, 11)}
+    serial, payload = pack(state, 1, bucket_bytes=100_000)
+    monkeypatch.setattr(m, "HOST_THREADS", 3)
+    monkeypatch.setattr(m, "THREADED_MIN_BYTES", 0)
+    monkeypatch.setattr(m, "PIECE_BYTES", 8 * m.C1_ROW_WORDS * 3)  # several pieces per large tensor
+    threaded, again = pack(state, 1, bucket_bytes=100_000)
+    assert threaded == serial and np.array_equal(payload, again)
+    assert m.bucket_digests(threaded, again) == [b.digest for b in serial.buckets]
+    dst = build_model("tiny", seed=3)
+    src = build_model("tiny", seed=4)
+    load_into(dst, dict(src.named_parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(src.parameters(), dst.parameters()))
