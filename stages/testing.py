@@ -229,13 +229,14 @@ def weight_params(seed: int, name: str = "tiny") -> dict:
     return {n: p.detach() for n, p in build_model(name, seed=seed).named_parameters()}
 
 
-def weight_engine_process(name: str, offers, acks, stall: tuple[int, float] | None = None) -> None:
+def weight_engine_process(name: str, offers, acks, stall: tuple[int, float] | None = None,
+                          device: str = "cpu") -> None:
     """An engine process for weight-transport tests (spawn target): a tiny ``TorchEngine``
     generating continuously while a ``WeightLoader`` applies each offer from ``offers`` (a
     queue; ``None`` ends it). Puts ``(name, "ready", None, None)`` on ``acks`` once generating,
     ``(name, ack, live_version, differing_names)`` after each offer, and finally ``(name, "spans", [version_spans of every completion])``.
     ``stall=(version, seconds)``: while loading that version, the second bucket's broadcast
-    starts ``seconds`` late (an engine that stalls mid-update)."""
+    starts ``seconds`` late (an engine that stalls mid-update). ``device``: the engine's."""
     import asyncio
 
     import torch
@@ -250,7 +251,9 @@ def weight_engine_process(name: str, offers, acks, stall: tuple[int, float] | No
     original = BroadcastGroup.broadcast
 
     async def main() -> None:
-        engine = TorchEngine(build_model("tiny", seed=0), max_batch=8)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        engine = TorchEngine(build_model("tiny", seed=0, device=device), device=device, max_batch=8)
         loader = WeightLoader(engine, name)
         spans: list = []
         stop = asyncio.Event()
@@ -285,7 +288,7 @@ def weight_engine_process(name: str, offers, acks, stall: tuple[int, float] | No
                 BroadcastGroup.broadcast = original
             expected = weight_params(offer.manifest.version + 40)  # the tests publish seed = version + 40
             got = dict(engine.model.named_parameters())
-            differing = [n for n in expected if not torch.equal(expected[n], got[n])]
+            differing = [n for n in expected if not torch.equal(expected[n], got[n].cpu())]
             acks.put((name, ack, engine.weight_version, differing))
         stop.set()
         await gen

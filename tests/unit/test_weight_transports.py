@@ -169,3 +169,30 @@ def test_nccl_transport_over_gloo_stalled_engine_aborts_everywhere_then_next_ver
     for n in names:
         versions = {v for s in spans[n] for _, v in s}
         assert 2 not in versions and {1, 3} <= versions, (n, versions)  # generation went on; never on 2
+
+
+def test_ipc_handles_have_one_wire_form_and_the_ipc_sender_waits_for_settling():
+    """The offer's ``CudaIpcHandle`` and the vLLM worker's ``IpcBucketHandle`` are the same
+    fields (the loader converts one into the other); a CUDA IPC buffer is refilled only
+    after its version settled or its update budget ran out (checked without CUDA)."""
+    import threading
+
+    import msgspec
+
+    from schemas.messages import CudaIpcHandle
+    from stages.publisher.senders import CudaIpcSender
+    from stages.rollout.engines.vllm_worker import IpcBucketHandle
+
+    assert CudaIpcHandle.__struct_fields__ == IpcBucketHandle.__struct_fields__
+    h = IpcBucketHandle("GPU-1234", [4096], [1], 0, "uint8", b"\x01" * 64, 4096, 0, b"ref", 8, b"ev", True)
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(h), type=CudaIpcHandle)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(wire), type=IpcBucketHandle) == h
+
+    sender = CudaIpcSender(deadline_s=1.0, device="cpu")  # only stage() touches CUDA
+    sender._pending = (5, time.monotonic() + 30)
+    threading.Timer(0.2, sender.settled, args=(5,)).start()
+    t0 = time.monotonic()
+    assert sender.wait_settled() and time.monotonic() - t0 < 5
+    sender._pending = (6, time.monotonic() + 0.3)  # never settled: the budget bounds the wait
+    t0 = time.monotonic()
+    assert not sender.wait_settled() and 0.25 < time.monotonic() - t0 < 5
