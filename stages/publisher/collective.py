@@ -44,10 +44,11 @@ def serve_store(host: str, port: int) -> Any:
                     timeout=datetime.timedelta(seconds=STORE_CONNECT_S))
 
 
-def connect_store(host: str, port: int) -> Any:
+def connect_store(host: str, port: int, timeout_s: float = STORE_CONNECT_S) -> Any:
+    """A client of the sender's store; waits at most ``timeout_s`` for it."""
     from torch.distributed import TCPStore
 
-    return TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=STORE_CONNECT_S))
+    return TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def _run_with_deadline(fn, timeout_s: float, what: str):

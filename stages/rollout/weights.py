@@ -161,7 +161,8 @@ class WeightLoader:
 
         device = getattr(self.engine, "device", "cpu") if g.backend == "nccl" else "cpu"
         try:
-            store = await asyncio.to_thread(connect_store, g.address, g.port)
+            store = await asyncio.to_thread(connect_store, g.address, g.port, max(left, JOIN_MIN_S))
+            left = offer.deadline_s - (time.time() - offer.staged_at)
             self.group = await asyncio.to_thread(BroadcastGroup.join, store, g.group_id, rank, world, backend=g.backend,
                                                  device=device, timeout_s=max(left, JOIN_MIN_S))
         except (CollectiveFailed, RuntimeError, ValueError) as e:
