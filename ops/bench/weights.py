@@ -117,7 +117,10 @@ def time_d2d(a: torch.Tensor, b: torch.Tensor) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-async def bench_model(model: str, dtype: str, transport_name: str, reps: int) -> dict:
+async def bench_model(model: str, dtype: str, transport_name: str, reps: int,
+                      devices: tuple[str, str] | None = None) -> dict:
+    """``devices``: (sender's, engine's); default: CPU for shm, cuda:0 for both (cuda_ipc),
+    cuda:0 → cuda:1 (nccl). ``nccl`` with CPU devices runs the same path over gloo."""
     import multiprocessing as mp
 
     import transport
@@ -126,9 +129,9 @@ async def bench_model(model: str, dtype: str, transport_name: str, reps: int) ->
     from stages.publisher.core import PublisherCore
     from stages.publisher.shm import ShmWeightReader, remove_run_slots
 
-    gpu = transport_name != "shm"
-    state_device = "cuda:0" if gpu else "cpu"
-    engine_device = {"shm": "cpu", "cuda_ipc": "cuda:0", "nccl": "cuda:1"}[transport_name]
+    state_device, engine_device = devices or {"shm": ("cpu", "cpu"), "cuda_ipc": ("cuda:0", "cuda:0"),
+                                              "nccl": ("cuda:0", "cuda:1")}[transport_name]
+    gpu = state_device.startswith("cuda")
     state = {n: p.detach() for n, p in build_model(model, dtype=getattr(torch, dtype), device=state_device,
                                                       seed=1).named_parameters()}
     addrs = {"offers": f"tcp://127.0.0.1:{free_port()}", "offers.sync": f"tcp://127.0.0.1:{free_port()}",
@@ -176,6 +179,13 @@ async def bench_model(model: str, dtype: str, transport_name: str, reps: int) ->
                     floor_src, floor_dst = d2d_floor(offer.manifest.total_bytes, state_device)
                     time_d2d(floor_src, floor_dst)
                 floor.append(time_d2d(floor_src, floor_dst))
+            elif transport_name != "shm":  # nccl over gloo: a host copy of as many bytes
+                if floor_src is None:
+                    floor_src = np.random.default_rng(0).integers(0, 255, offer.manifest.total_bytes, np.uint8)
+                    floor_dst = floor_src.copy()
+                tf = time.perf_counter()
+                np.copyto(floor_dst, floor_src)
+                floor.append(time.perf_counter() - tf)
             else:
                 with reader.view(offer.location, version) as payload:
                     if floor_dst is None:
