@@ -12,6 +12,12 @@ Invariants:
   it reflects). PUB frames carry (publisher epoch, sequence number); anything at or below
   the snapshot's in the same epoch is discarded; a restarted publisher has a new epoch. A late joiner therefore misses nothing it needs and sees nothing twice.
 - ``close()`` is idempotent and closes the zmq socket with the configured linger.
+- PUSH sends and PULL receives first try a non-blocking call on a plain (non-asyncio) view
+  of the socket and only fall back to pyzmq's asyncio wrapper when that would block, or
+  while another coroutine already waits on it (so order is kept). pyzmq's wrapper costs a
+  future, event bookkeeping and poller updates per call; a ready message needs none of it.
+  Neither path yields to the event loop when the message is ready at once (pyzmq's does not
+  either).
 
 Failure behaviour: a handshake that gets no Welcome within ``timeout`` raises
 ``TimeoutError`` naming both addresses; bad input is skipped and counted (``base``).
@@ -41,6 +47,7 @@ HANDSHAKE_RETRY_S = 0.1
 """How often a subscriber repeats Hello while its subscription propagates (usually < 10 ms
 on loopback; a retry costs one tiny message)."""
 _SEQ = struct.Struct(">QQ")  # (publisher epoch, sequence number)
+_NOW_MORE = zmq.NOBLOCK | zmq.SNDMORE
 
 
 def context() -> zmq.asyncio.Context:
@@ -81,6 +88,28 @@ class _ZmqChannel:
             self.sock.close()
 
 
+def _send_now(sock: zmq.Socket, frames: Sequence[Any]) -> None:
+    """Send a whole multipart message without blocking, or raise ``zmq.Again`` having sent
+    nothing: ZeroMQ checks the HWM on the first part only and queues a message atomically."""
+    send = sock.send
+    last = len(frames) - 1
+    for i in range(last):
+        send(frames[i], _NOW_MORE, copy=False)
+    send(frames[last], zmq.NOBLOCK, copy=False)
+
+
+def _recv_now(sock: zmq.Socket) -> list[Any]:
+    """One whole multipart message without blocking, or ``zmq.Again`` (a message's parts
+    arrive together, so once the first is there the rest are too)."""
+    recv = sock.recv
+    frame = recv(zmq.NOBLOCK, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = recv(zmq.NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames
+
+
 class PushChannel(_ZmqChannel, Sender):
     """Work producer end: load-balances over connected PULL peers; blocks when all are full."""
 
@@ -89,9 +118,24 @@ class PushChannel(_ZmqChannel, Sender):
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         Sender.__init__(self, name, sender, max_message_bytes)
         self._open(zmq.PUSH, address, bind, hwm, linger_ms, max_message_bytes)
+        self._now = zmq.Socket.shadow(self.sock.underlying)
+        self._waiting = 0  # coroutines parked in the asyncio send
 
     async def send(self, msg: Message) -> None:
-        await self.sock.send_multipart(self.codec.encode(msg), copy=False)
+        frames = self.codec.encode(msg)
+        if not self._waiting:
+            try:
+                _send_now(self._now, frames)
+            except zmq.Again:
+                pass
+            else:
+                self.stats.sent += 1
+                return
+        self._waiting += 1
+        try:
+            await self.sock.send_multipart(frames, copy=False)
+        finally:
+            self._waiting -= 1
         self.stats.sent += 1
 
 
@@ -103,10 +147,23 @@ class PullChannel(_ZmqChannel, Receiver):
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         Receiver.__init__(self, name, sender, max_message_bytes)
         self._open(zmq.PULL, address, bind, hwm, linger_ms, max_message_bytes)
+        self._now = zmq.Socket.shadow(self.sock.underlying)
+        self._waiting = 0  # coroutines parked in the asyncio recv
 
     async def recv_envelope(self) -> tuple[Envelope, Message]:
         while True:
-            frames = await self.sock.recv_multipart(copy=False)
+            frames = None
+            if not self._waiting:
+                try:
+                    frames = _recv_now(self._now)
+                except zmq.Again:
+                    pass
+            if frames is None:
+                self._waiting += 1
+                try:
+                    frames = await self.sock.recv_multipart(copy=False)
+                finally:
+                    self._waiting -= 1
             got = self._accept(frames)
             if got is not None:
                 return got

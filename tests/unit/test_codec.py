@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from schemas import messages as m
 from stages.testing import make_rollout, make_train_group, messages_equal
-from transport.codec import INLINE_MAX_BYTES, OWN_FRAME_MIN_BYTES, Codec, DecodeError
+from transport.codec import INLINE_MAX_BYTES, OWN_FRAME_MIN_BYTES, POOL_RETAIN_MAX_BYTES, Codec, DecodeError
 
 DTYPES = [np.int32, np.float32, np.uint16, np.int64, np.float64]
 
@@ -145,3 +145,99 @@ def test_array_frame_reference_out_of_range_is_malformed():
     with pytest.raises(DecodeError) as e:
         Codec("r").decode(frames[:4])
     assert e.value.reason == "malformed"
+
+
+def _wire(frames):
+    return [bytes(memoryview(f).cast("B")) for f in frames]
+
+
+def test_pool_buffer_is_reused_only_once_nothing_references_its_frame():
+    codec = Codec("s")
+    a, b = make_rollout("a", length=4096), make_rollout("b", length=4096)
+    fa = codec.encode(a)
+    wire_a = _wire(fa)
+    fb = codec.encode(b)  # fa still held: b must get another buffer
+    assert id(fb[2].obj) != id(fa[2].obj)
+    assert _wire(fa) == wire_a and messages_equal(codec.decode(fa)[1], a)
+    held = np.frombuffer(fa[2], np.uint8)  # a view of the frame keeps the buffer too
+    buf_a = id(fa[2].obj)  # (not the object: holding it would keep it in use)
+    del fa
+    fc = codec.encode(make_rollout("c", length=4096))
+    assert id(fc[2].obj) != buf_a and bytes(held) == wire_a[2]
+    del held, fb, fc
+    fd = codec.encode(b)  # nothing references a's buffer any more: reused, oldest first
+    assert id(fd[2].obj) == buf_a and messages_equal(codec.decode(fd)[1], b)
+
+
+def test_pool_buffers_retained_are_bounded():
+    codec = Codec("s")
+    msg = make_rollout(length=4096)
+    held = [codec.encode(msg) for _ in range(2 * POOL_RETAIN_MAX_BYTES // (4096 * 8 * 4) + 8)]
+    assert codec._ring_bytes <= POOL_RETAIN_MAX_BYTES
+    assert all(messages_equal(codec.decode(f)[1], msg) for f in held)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(MESSAGES, st.booleans()), min_size=1, max_size=8))
+def test_frames_kept_while_others_are_encoded_still_decode(msgs):
+    """One codec, frames of some messages kept alive across later encodes (pool reuse)."""
+    codec, kept = Codec("s"), []
+    for msg, keep in msgs:
+        frames = codec.encode(msg)
+        if keep:
+            kept.append((msg, frames))
+        else:
+            assert messages_equal(codec.decode(frames)[1], msg)
+    for msg, frames in kept:
+        assert messages_equal(codec.decode(frames)[1], msg)
+
+
+class _WritableFrame:
+    """Stands in for a received zmq.Frame, whose ``buffer`` is a writable memoryview."""
+
+    def __init__(self, data: bytes) -> None:
+        self.buffer = memoryview(bytearray(data))
+
+
+def test_arrays_decoded_from_writable_frames_are_read_only():
+    tg = make_train_group(length=4096, with_ref=True)
+    tg.ref_logprobs[0] = np.arange(OWN_FRAME_MIN_BYTES // 4, dtype=np.float32)  # own frame
+    frames = [_WritableFrame(w) for w in _wire(Codec("a").encode(tg))]
+    _, back = Codec("b").decode(frames)
+    for arr in (back.ref_logprobs[0], back.scored.rollout.samples[0].token_ids, back.scored.rewards):
+        assert not arr.flags.writeable
+    assert messages_equal(tg, back)
+
+
+def _body(*array_fields):
+    """A PromptGroup body whose prompt_ids field is the given raw [dtype, shape, ref]."""
+    return msgspec.msgpack.encode(["prompt_group", "g", *array_fields, "", "t", 1, 0])
+
+
+def _env():
+    return msgspec.msgpack.encode(m.Envelope(m.SCHEMA_VERSION, 1, "x/0", 0.0, "prompt_group"))
+
+
+@pytest.mark.parametrize("array, extra, why", [
+    (["|O", [2], [0]], [bytes(16)], "object dtype: bytes read as pointers"),
+    (["<i4", [2], -1], [b"", bytes(8)], "negative frame reference"),
+    (["<i4", [8], [16]], [bytes(32)], "pool slice past the end"),
+    (["<i4", [2], [-16]], [bytes(32)], "negative pool offset"),
+    (["<i4", [-2, 2], [0]], [bytes(32)], "negative dimension"),
+    (["<i4", [2], [0, 1]], [bytes(32)], "pool ref with two offsets"),
+    (["|S0", [2], [0]], [bytes(32)], "zero-size dtype"),
+    (["<i4", [2**62], b"\x00" * 8], [], "count past any buffer (overflow)"),
+    (["<i4", [2**62], [0]], [bytes(32)], "pool count past any buffer"),
+    (["not a dtype", [2], [0]], [bytes(32)], "unknown dtype"),
+])
+def test_bad_array_references_are_malformed(array, extra, why):
+    with pytest.raises(DecodeError) as e:
+        Codec("r").decode([_env(), _body(array), *extra])
+    assert e.value.reason == "malformed", why
+
+
+def test_unaligned_pool_offsets_still_decode():
+    """Frames from other encoders may put arrays off element boundaries: copy-free, correct."""
+    pool = bytes(3) + np.arange(4, dtype=np.int32).tobytes()
+    _, back = Codec("r").decode([_env(), _body(["<i4", [2, 2], [3]]), pool])
+    assert back.prompt_ids.tolist() == [[0, 1], [2, 3]] and not back.prompt_ids.flags.writeable

@@ -9,6 +9,7 @@ import zmq
 
 import transport
 from schemas import messages as m
+from stages.testing import messages_equal
 from transport.zmq_sockets import DealerChannel, RouterChannel, context
 
 ADDRS = {"tcp": "tcp://127.0.0.1:*", "mem": "mem://work"}
@@ -60,6 +61,35 @@ async def test_slow_consumer_back_pressures_producer_without_loss(kind):
     # its pipes admit a few batches past it, plus small kernel buffers), far below n:
     # memory is bounded by hwm, not by how far ahead the producer could run.
     assert max_ahead <= 8 * hwm, max_ahead
+
+
+async def test_pooled_arrays_arrive_intact_while_the_sender_runs_ahead():
+    """The sender reuses pool buffers once zmq is done with them: a queued message is never
+    overwritten by a later one, whether sent at once or after waiting on a full queue."""
+    push, pull = open_pair("tcp", hwm=2)
+    for s in (push.sock, pull.sock):
+        s.setsockopt(zmq.SNDBUF, 64 * 1024)
+        s.setsockopt(zmq.RCVBUF, 64 * 1024)
+    n, length = 60, 4096
+
+    def rollout(i):
+        samples = [m.Sample(np.full(length, i * 8 + k, np.int32), np.full(length, -i - k / 8, np.float32),
+                            np.array([[0, i]], np.int32), "stop") for k in range(4)]
+        return m.Rollout(m.PromptGroup(f"g{i}", np.arange(300, dtype=np.int32) + i, "", "t", 4, 0), samples, "e")
+
+    async def produce():
+        for i in range(n):
+            await push.send(rollout(i))
+
+    with push, pull:
+        producer = asyncio.create_task(produce())
+        got = []
+        for i in range(n):
+            if i % 10 == 0:
+                await asyncio.sleep(0.05)  # let the producer fill every queue on the way
+            got.append(await asyncio.wait_for(pull.recv(), 10))
+        await asyncio.wait_for(producer, 10)
+    assert all(messages_equal(g, rollout(i)) for i, g in enumerate(got))
 
 
 async def test_garbage_and_schema_skew_are_survived_and_counted():
