@@ -29,6 +29,7 @@ Invariants and failure behaviour:
 from __future__ import annotations
 
 import collections
+import io
 import itertools
 import sys
 import time
@@ -83,10 +84,11 @@ class Codec:
         self.max_message_bytes = max_message_bytes
         self._ids = itertools.count(1)
         self._out_arrays: list[np.ndarray] = []
-        self._out_pool: list[np.ndarray] = []
         self._pool_len = 0
-        self._ring: collections.deque[bytearray] = collections.deque()
-        self._ring_bytes = 0
+        self._out_pool: list[Any] = []  # arrays (and pads) of the pool frame being encoded
+        self._busy: collections.deque[io.BytesIO] = collections.deque()  # handed out, in order
+        self._free: list[io.BytesIO] = []  # released; the last one released on top
+        self._pool_bytes = 0  # retained in both
         self._in_pool: Any = b""
         self._in_views: dict[np.dtype, np.ndarray] = {}
         self._in_frames: Sequence[Any] = ()
@@ -97,9 +99,8 @@ class Codec:
 
     # ------------------------------------------------------------------ encode
     def _enc_hook(self, arr: Any) -> Any:
-        # Hot path (once per array): no contiguity check for pooled arrays (the copy in
-        # ``_fill_pool`` handles any layout), dtype strings cached, pooled arrays are only
-        # collected here and copied once the pool's size is known.
+        # Hot path (once per array): pooled arrays are only listed here (with their pad) and
+        # copied in one ``writelines`` call once the body is encoded; dtype strings cached.
         if type(arr) is not np.ndarray:
             if not isinstance(arr, np.ndarray):
                 raise TypeError(f"cannot encode {type(arr).__name__} on the wire")
@@ -108,9 +109,13 @@ class Codec:
         if n < INLINE_MAX_BYTES:
             ref: Any = arr.tobytes()
         elif n < OWN_FRAME_MIN_BYTES:
-            ref = (self._pool_len,)
+            off = self._pool_len
             self._out_pool.append(arr)
-            self._pool_len += (n + _ALIGN_MASK) & ~_ALIGN_MASK
+            pad = -n & _ALIGN_MASK
+            if pad:  # zeros, not bytes of an earlier message
+                self._out_pool.append(_ZEROS[:pad])
+            self._pool_len = off + n + pad
+            ref = (off,)
         else:
             if not arr.flags.c_contiguous:
                 arr = np.ascontiguousarray(arr)
@@ -119,41 +124,44 @@ class Codec:
         dt = arr.dtype
         return (_DTYPE_STR.get(dt) or _DTYPE_STR.setdefault(dt, dt.str), arr.shape, ref)
 
-    def _pool_buffer(self, size: int) -> bytearray:
-        """A buffer of at least ``size`` bytes that nothing else references."""
-        ring = self._ring
-        # The oldest buffer first: frames are released in the order they were sent. (No
-        # local name may hold it while it is checked: that would count as a reference.)
-        free = bool(ring) and _unreferenced(ring)
-        if free and len(ring[0]) >= size:
-            ring.rotate(-1)
-            return ring[-1]
-        cap = _capacity(size)
-        buf = bytearray(cap)
-        if size <= POOL_REUSE_MAX_BYTES:
-            if free:  # free but too small: replace it
-                self._ring_bytes -= len(ring.popleft())
-            if self._ring_bytes + cap <= POOL_RETAIN_MAX_BYTES:
-                ring.append(buf)
-                self._ring_bytes += cap
+    def _pool_buffer(self) -> io.BytesIO:
+        """A pool buffer that nothing else references, positioned at its start."""
+        busy, free = self._busy, self._free
+        # Frames are released in the order they were sent: collect the released ones from
+        # the front. (No local name may hold a buffer while it is checked: that would count
+        # as a reference.)
+        while busy and _unreferenced(busy):
+            free.append(busy.popleft())
+        if free:
+            buf = free.pop()  # the last released: the likeliest to still be in cache
+            buf.seek(0)
+        else:
+            buf = io.BytesIO()
+            buf.size = 0  # bytes it holds (its largest message so far)
+        busy.append(buf)
         return buf
 
     def _fill_pool(self) -> memoryview:
-        """Copy the collected mid-sized arrays into one pool buffer; its frame."""
-        size = self._pool_len
-        out = memoryview(self._pool_buffer(size))
-        off = 0
-        for arr in self._out_pool:
-            n = arr.nbytes
-            try:
-                out[off : off + n] = arr.data.cast("B")
-            except TypeError:  # not C-contiguous (memoryview.cast refuses): copy its C-order bytes
-                out[off : off + n] = arr.tobytes()
-            end = off + n
-            off = (end + _ALIGN_MASK) & ~_ALIGN_MASK
-            if off != end:
-                out[end:off] = _ZEROS[: off - end]
-        return out[:size]
+        """The pool frame: the listed arrays copied back to back into a reused buffer."""
+        size, parts = self._pool_len, self._out_pool
+        if size > POOL_REUSE_MAX_BYTES:
+            return memoryview(b"".join([_contiguous(p) for p in parts]))
+        buf = self._pool_buffer()
+        try:
+            buf.writelines(parts)  # one C loop of memcpys
+        except ValueError:  # an array that is not C-contiguous: its C-order copy
+            buf.seek(0)
+            buf.writelines([_contiguous(p) for p in parts])
+        if size > buf.size:  # a new buffer, or a larger message than it held before
+            self._pool_bytes += size - buf.size
+            buf.size = size
+            free = self._free
+            while self._pool_bytes > POOL_RETAIN_MAX_BYTES and free:
+                self._pool_bytes -= free.pop(0).size  # spare buffers, coldest first
+            if self._pool_bytes > POOL_RETAIN_MAX_BYTES:  # still over: do not keep this one
+                self._busy.pop()
+                self._pool_bytes -= size
+        return buf.getbuffer()[:size]
 
     def encode(self, msg: Message) -> list[Any]:
         """Frames for ``msg``: [envelope, body, *array buffers]."""
@@ -171,44 +179,59 @@ class Codec:
 
     # ------------------------------------------------------------------ decode
     def _dec_hook(self, typ: type, obj: Any) -> Any:
-        # Hot path (once per array). Pooled arrays are slices of one typed view of the pool
-        # per dtype (a slice is ~4× cheaper than np.frombuffer); every view is read-only.
-        if typ is not np.ndarray:
+        # Hot path (once per array). The common case, a 1-D array at an aligned pool offset,
+        # is a slice of one typed view of the pool per dtype (~4× cheaper than np.frombuffer);
+        # everything else, and anything that does not check out here, goes to ``_array``.
+        if typ is not _NDARRAY:
             raise TypeError(f"no decoder for {typ!r}")
         dtype, shape, ref = obj
-        dt = _DTYPES.get(dtype) or _wire_dtype(dtype)
-        if len(shape) == 1:
-            count = shape[0]
-            if count < 0:
-                raise ValueError(f"negative dimension in shape {shape}")
-        else:
-            count = 1
-            for d in shape:
-                if d < 0:
-                    raise ValueError(f"negative dimension in shape {shape}")
-                count *= d
+        if type(ref) is list:
+            pv = self._in_views.get(dtype)
+            if pv is None:
+                pv = self._pool_view(dtype)
+            if pv:
+                try:
+                    (count,) = shape
+                    (off,) = ref
+                except (TypeError, ValueError):
+                    pass
+                else:
+                    if off >= 0 and not off & _ALIGN_MASK:
+                        i = off >> pv[1]
+                        arr = pv[0][i : i + count]
+                        if len(arr) == count:  # a slice clamps; a short one is checked below
+                            return arr
+        return self._array(dtype, shape, ref)
+
+    def _pool_view(self, dtype: Any) -> Any:
+        """(typed view of the whole pool, log2 itemsize) for ``dtype``, or False when its
+        itemsize does not divide ``POOL_ALIGN`` (aligned offsets would not be element
+        boundaries). Cached for the message being decoded."""
+        dt, isz, sliceable = _SPECS.get(dtype) or _wire_spec(dtype)
+        pv: Any = False
+        if sliceable:
+            pool = self._in_pool
+            pv = (np.frombuffer(pool, dt, len(pool) // isz), isz.bit_length() - 1)
+        self._in_views[dtype] = pv
+        return pv
+
+    def _array(self, dtype: Any, shape: Any, ref: Any) -> np.ndarray:
+        """Any array reference (inline, pool, own frame), checked; a read-only view."""
+        dt = (_SPECS.get(dtype) or _wire_spec(dtype))[0]
         t = type(ref)
         if t is list:
             (off,) = ref
-            isz = dt.itemsize
-            if off % isz or _ALIGN_MASK + 1 < isz:  # not on an element boundary: no shared view
-                arr = np.frombuffer(self._in_pool, dt, count, off)
-            else:
-                view = self._in_views.get(dt)
-                if view is None:
-                    pool = self._in_pool
-                    view = self._in_views[dt] = np.frombuffer(pool, dt, len(pool) // isz)
-                i = off // isz
-                if off < 0 or i + count > len(view):
-                    raise ValueError(f"array [{off}, +{count * isz}) outside the pool frame")
-                arr = view[i : i + count]
+            if off < 0:
+                raise ValueError(f"negative pool offset {off}")
+            buf = self._in_pool
         elif t is int:
             if ref < 0:
                 raise ValueError(f"negative frame reference {ref}")
-            arr = np.frombuffer(_readonly(self._in_frames[ref]), dt, count)
+            buf, off = _readonly(self._in_frames[ref]), 0
         else:
-            arr = np.frombuffer(ref, dt, count)
-        return arr if len(shape) == 1 else arr.reshape(shape)
+            buf, off = ref, 0
+        # np.ndarray refuses negative dimensions and a buffer too small for them.
+        return np.ndarray(shape, dt, buf, off)
 
     def decode_envelope(self, frames: Sequence[Any]) -> Envelope:
         if not frames:
@@ -245,41 +268,44 @@ class Codec:
         return env, msg
 
 
-_DTYPES: dict[str, np.dtype] = {}
+_SPECS: dict[str, tuple[np.dtype, int, bool]] = {}
+"""Wire dtype string → (dtype, itemsize, whether pool offsets of it can be sliced from one
+typed view: itemsizes dividing ``POOL_ALIGN``)."""
 _DTYPE_STR: dict[np.dtype, str] = {}
 _ZEROS = bytes(POOL_ALIGN)
 _ALIGN_MASK = POOL_ALIGN - 1
+_NDARRAY = np.ndarray
 
 
-def _wire_dtype(name: str) -> np.dtype:
-    """The dtype a wire dtype string names (cached). Refused: object dtypes (their bytes would
-    be read as pointers) and zero-size ones (no element count follows from a byte length)."""
+def _wire_spec(name: str) -> tuple[np.dtype, int, bool]:
+    """``_SPECS`` entry of a wire dtype string (cached). Refused: object dtypes (their bytes
+    would be read as pointers) and zero-size ones."""
+    if type(name) is not str:
+        raise TypeError(f"dtype must be a string, got {type(name).__name__}")
     dt = np.dtype(name)
     if dt.hasobject or not dt.itemsize:
         raise ValueError(f"dtype {name!r} cannot travel on the wire")
-    return _DTYPES.setdefault(name, dt)
+    isz = dt.itemsize
+    return _SPECS.setdefault(name, (dt, isz, POOL_ALIGN % isz == 0))
 
 
-def _capacity(size: int) -> int:
-    """Pool buffer size for ``size`` bytes: rounded up to 1/8 of its power of two (≤ 12.5%
-    slack), so messages of slightly different sizes can share buffers."""
-    step = 1 << max(size.bit_length() - 3, 12)
-    return (size + step - 1) // step * step
+def _contiguous(part: Any) -> Any:
+    return part if type(part) is bytes else np.ascontiguousarray(part)
 
 
-def _unreferenced(ring: "collections.deque[bytearray]") -> bool:
-    """True when ``ring[0]`` is referenced by the ring alone: no frame, memoryview, numpy
+def _unreferenced(busy: "collections.deque[io.BytesIO]") -> bool:
+    """True when ``busy[0]`` is referenced by the deque alone: no frame, memoryview, numpy
     view or zmq message (pyzmq keeps the frame object until libzmq frees it) still uses it."""
-    return sys.getrefcount(ring[0]) <= _FREE_REFS
+    return sys.getrefcount(busy[0]) <= _FREE_REFS
 
 
 def _calibrate_free_refs() -> int:
-    ring = collections.deque([bytearray(1)])
-    return sys.getrefcount(ring[0])
+    busy = collections.deque([io.BytesIO()])
+    return sys.getrefcount(busy[0])
 
 
 _FREE_REFS = _calibrate_free_refs()
-"""What ``_unreferenced`` sees for a buffer held by its ring alone (2 on CPython 3.11);
+"""What ``_unreferenced`` sees for a buffer held by its deque alone (2 on CPython 3.11);
 measured the same way rather than assumed, as interpreters count borrowed references
 differently."""
 

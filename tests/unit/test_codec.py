@@ -151,29 +151,37 @@ def _wire(frames):
     return [bytes(memoryview(f).cast("B")) for f in frames]
 
 
+def _addr(frame):
+    return np.frombuffer(frame, np.uint8).__array_interface__["data"][0]
+
+
 def test_pool_buffer_is_reused_only_once_nothing_references_its_frame():
     codec = Codec("s")
     a, b = make_rollout("a", length=4096), make_rollout("b", length=4096)
     fa = codec.encode(a)
     wire_a = _wire(fa)
     fb = codec.encode(b)  # fa still held: b must get another buffer
-    assert id(fb[2].obj) != id(fa[2].obj)
+    assert _addr(fb[2]) != _addr(fa[2])
     assert _wire(fa) == wire_a and messages_equal(codec.decode(fa)[1], a)
     held = np.frombuffer(fa[2], np.uint8)  # a view of the frame keeps the buffer too
-    buf_a = id(fa[2].obj)  # (not the object: holding it would keep it in use)
+    buf_a = _addr(fa[2])
     del fa
     fc = codec.encode(make_rollout("c", length=4096))
-    assert id(fc[2].obj) != buf_a and bytes(held) == wire_a[2]
-    del held, fb, fc
-    fd = codec.encode(b)  # nothing references a's buffer any more: reused, oldest first
-    assert id(fd[2].obj) == buf_a and messages_equal(codec.decode(fd)[1], b)
+    assert _addr(fc[2]) != buf_a and bytes(held) == wire_a[2]
+    del held
+    fd = codec.encode(b)  # a's buffer is the only one nobody references: reused
+    assert _addr(fd[2]) == buf_a and messages_equal(codec.decode(fd)[1], b)
+    assert _wire(fb)[2] == _wire(fd)[2] and messages_equal(codec.decode(fc)[1], make_rollout("c", length=4096))
+    addrs = {_addr(f[2]) for f in (fb, fc, fd)}
+    del fb, fc, fd
+    assert _addr(codec.encode(a)[2]) in addrs  # released buffers are reused, none allocated
 
 
 def test_pool_buffers_retained_are_bounded():
     codec = Codec("s")
     msg = make_rollout(length=4096)
     held = [codec.encode(msg) for _ in range(2 * POOL_RETAIN_MAX_BYTES // (4096 * 8 * 4) + 8)]
-    assert codec._ring_bytes <= POOL_RETAIN_MAX_BYTES
+    assert codec._pool_bytes <= POOL_RETAIN_MAX_BYTES
     assert all(messages_equal(codec.decode(f)[1], msg) for f in held)
 
 
