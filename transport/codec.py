@@ -43,14 +43,19 @@ from schemas.messages import SCHEMA_VERSION, TAGS, Envelope, Message
 INLINE_MAX_BYTES = 1024
 """Arrays below this go inline as msgpack bin: tiny (prompt ids, rewards), a memcpy is
 cheaper than any bookkeeping."""
-OWN_FRAME_MIN_BYTES = 1 << 20
+OWN_FRAME_MIN_BYTES = 256 << 10
 """Arrays at least this large get their own frame, sent without a copy. Between the two
 bounds arrays share one pool frame: one memcpy on send, zero-copy views on receive. On a
-Rollout of 8×4096 tokens (16 KiB arrays) this beat one frame per array, because pyzmq
-copies every frame under its 64 KiB ``copy_threshold`` anyway and each frame costs a
-zmq_msg and a Python Frame object on receive."""
+Rollout of 8×4096 tokens (16 KiB arrays) the pool beats one frame per array by ~2× in
+throughput (pyzmq copies every frame under its 64 KiB ``copy_threshold`` anyway, each frame
+costs a zmq_msg, a send call and a Python Frame object on receive). The crossover, measured
+with ``ops/bench/bus.py``'s setup on Rollouts of 4 samples (ours/raw, pool vs own frames):
+64 KiB arrays 0.76 vs 0.59, 256 KiB 0.54 vs 0.54, 512 KiB 0.66 vs 0.72: copying a large
+array costs more than a zero-copy frame's overhead from there on."""
 POOL_ALIGN = 16
-"""Pool offsets are aligned so decoded views are aligned for numpy and torch."""
+"""Pool offsets are 16-byte aligned within the frame so decoded views are aligned for numpy
+and torch as far as the frame itself is (libzmq hands large received frames over 8-byte
+aligned; small ones can start anywhere in its receive batch)."""
 POOL_RETAIN_MAX_BYTES = 64 << 20
 """Pool buffers a codec keeps for reuse, in bytes. A fresh pool buffer per message (what
 ``b"".join`` gives) costs page faults on every send (glibc hands large blocks back to the
