@@ -39,11 +39,35 @@ STEPS: dict[str, tuple[list[str], int, str]] = {
     "nccl": ([PY, "ops/bench/gpu_nccl.py"], 300, "bench 2: nccl update into vLLM vs raw broadcast (2 GPUs)"),
     "generate": ([PY, "ops/bench/gpu_generate.py"], 360, "bench 3: rollout path vs vLLM offline generate"),
     "learner": ([PY, "ops/bench/gpu_learner.py"], 300, "bench 4: learner tokens/s and MFU"),
-    "stack": ([PY, "ops/bench/gpu_stack.py"], 540, "bench 5: GPU stack, async vs sync samples/s"),
+    "stack": ([PY, "ops/bench/gpu_stack.py", "--timeout", "190"], 430, "bench 5: GPU stack, async vs sync samples/s"),
+    "learner-profile": ([PY, "ops/bench/gpu_learner.py", "--models", "qwen3-0.6b", "--steps", "3", "--profile"], 200,
+                        "bench 4 for 0.6B with the top CUDA kernels of one step"),
+    "weights-transports": ([PY, "ops/bench/weights.py", "--transport", "cuda_ipc", "--quick"], 200,
+                           "the publisher's cuda_ipc sender into engines (ops/bench/weights.py)"),
     "start-flashinfer": ([PY, "ops/bench/gpu_weights.py", "--start-only", "--flashinfer-sampler"], 300,
                          "engine start with FlashInfer's sampler (the ~100 s JIT)"),
 }
 KEEP = ("bench ", "figures ", "PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "= ", "step ")
+
+
+def kill_gpu_leftovers() -> list[int]:
+    """Processes a step left on the GPU (stages that started their own sessions, orphaned
+    vLLM engine cores) hold its memory for the next step: end them by pid. Everything on the
+    GPU machine is this lane's own; this driver's pid is spared."""
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    pids = [int(x) for x in q.split() if x.strip().isdigit() and int(x) != os.getpid()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if pids:
+        time.sleep(2)
+    return pids
 
 
 def main() -> int:
@@ -108,6 +132,9 @@ def main() -> int:
                 except ProcessLookupError:
                     pass
             timed_out = fired.is_set()
+            left = kill_gpu_leftovers()
+            if left:
+                lines.append(f"killed leftover GPU processes of this step: {left}")
             rc = p.returncode
             secs = time.monotonic() - t0
             status = "TIMEOUT" if timed_out else ("ok" if rc == 0 else f"rc={rc}")

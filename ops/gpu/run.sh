@@ -16,7 +16,10 @@ export OUT=${OUT:-/tmp/conveyor-out}
 mkdir -p "$OUT" /tmp/vx
 # NVLink multicast stays off on the multi-GPU kinds (KINDS.md); harmless elsewhere.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONUNBUFFERED=1
+# torch.cuda.is_available() through NVML: a parent that only asked must still be able to fork
+# vLLM's engine core (a CUDA-initialised parent cannot, and vLLM's spawn path hung in pytest).
+export PYTORCH_NVML_BASED_CUDA_CHECK=1
 S=.gpu-wheels/stage
 for f in "$S"/s?? "$S"/SHA256 "$S"/COUNT; do
   [ -f "$f" ] && cp "$f" /tmp/vx/ && echo "staged $(basename "$f") ($(stat -c %s "$f") bytes)"

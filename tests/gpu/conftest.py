@@ -13,7 +13,11 @@ import json
 import os
 
 import pytest
-import torch
+
+# Ask for CUDA through NVML: a parent whose CUDA driver was initialised (which
+# ``torch.cuda.is_available()`` does otherwise) cannot fork vLLM's engine core.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+import torch  # noqa: E402
 
 
 def pytest_configure(config):

@@ -183,7 +183,16 @@ class VllmEngine(Engine):
                 args = AsyncEngineArgs(model=self._model_dir, load_format="dummy", **self.engine_args)
             else:
                 args = AsyncEngineArgs(model=self.model_name, **self.engine_args)
-            self.llm = AsyncLLM.from_engine_args(args)
+            # Off the event loop: a start takes 15-80 s (more with torch.compile and CUDA
+            # graphs on a cold cache), during which the stage must keep sending heartbeats.
+            # AsyncLLM supports being built outside a running loop (its output tasks start
+            # lazily at the first request or RPC).
+            try:
+                self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            except ValueError as e:  # e.g. a signal handler that only the main thread may set
+                if "main thread" not in str(e):
+                    raise
+                self.llm = AsyncLLM.from_engine_args(args)
             self.describe = (await self.llm.collective_rpc("conveyor_describe"))[0]
             if self.builtin and self.init == "seeded":
                 await self._load_local(build_model(self.model_name, dtype=getattr(torch, self.dtype),
