@@ -154,6 +154,8 @@ class Progress(msgspec.Struct, tag="progress", array_like=True, gc=False):
     """Step of the learner's newest complete checkpoint (-1: none yet). Groups consumed at
     later steps are lost if the learner restarts (it resumes from that checkpoint), so the
     source keeps them until a checkpoint covers them and reissues them on a rollback."""
+    learner_epoch: int = 0
+    """Incarnation of the learner that sent this (``WeightsOffer.learner_epoch``; 0: none)."""
 
 
 class WeightsReady(msgspec.Struct, tag="weights_ready", array_like=True, gc=False):
@@ -165,6 +167,9 @@ class WeightsReady(msgspec.Struct, tag="weights_ready", array_like=True, gc=Fals
     transport: str = "shm"
     num_bytes: int = 0
     publish_seconds: float = 0.0
+    learner_epoch: int = 0
+    """Learner incarnation of this version (its offer's ``learner_epoch``): a newer epoch
+    replaces the live version even when its version number is lower (a rollback)."""
 
 
 class ControlCommand(enum.Enum):
@@ -394,6 +399,11 @@ class WeightsOffer(msgspec.Struct, tag="weights_offer", array_like=True, gc=Fals
     """int32 [C]: the canary prompt; engines report teacher-forced logprobs of it."""
     canary_logprobs: np.ndarray | None = None
     """float32 [C-1]: the learner's logprob of ``canary_ids[t+1]`` given ``canary_ids[:t+1]``."""
+    learner_epoch: int = 0
+    """Incarnation of the learner that staged this version (grows with every learner start;
+    0: unknown). Versions are ordered within an epoch only: a learner restarted from an older
+    checkpoint offers lower versions under a newer epoch, and they supersede every version of
+    the older epochs (their timeline no longer exists). See ``stages.rollout.weights``."""
 
 
 class WeightsLoaded(msgspec.Struct, tag="weights_loaded", array_like=True, gc=False):
@@ -406,6 +416,8 @@ class WeightsLoaded(msgspec.Struct, tag="weights_loaded", array_like=True, gc=Fa
     digests: list[str] = []
     error: str = ""
     load_seconds: float = 0.0
+    learner_epoch: int = 0
+    """``learner_epoch`` of the offer this answers (the publisher matches version and epoch)."""
 
 
 class CanaryReport(msgspec.Struct, tag="canary_report", array_like=True, gc=False):

@@ -12,7 +12,9 @@ heartbeats keep flowing.
 Drain (SIGTERM or ``Control(DRAIN)``): rank 0 finishes the step in progress, broadcasts a
 stop, every rank checkpoints (collective) and exits. Start: the newest complete checkpoint
 is resumed, and its weights are offered before anything else, so engines generate with
-the learner's weights.
+the learner's weights. Every start is a new learner epoch (``outlet.next_learner_epoch``),
+carried on each offer and ``Progress``: after a rollback the engines, the publisher and the
+source take the resumed, lower versions over the newer-numbered ones of the lost timeline.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ async def run(ctx: StageContext) -> None:
     if rank == 0:
         inbox = ctx.work_in("train", credit=2 * s.learner.groups_per_step)
         progress = ctx.publisher("progress")
-        await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step))
+        await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step, outlet.epoch))
 
     async def stage_weights() -> None:
         await outlet.publish(learner)  # collective: full parameters and the canary forward
@@ -78,7 +80,8 @@ async def run(ctx: StageContext) -> None:
                 keep += k
                 if d:  # report terminal drops promptly: the source returns their credit
                     learner.record_dropped(d)
-                    await progress.send(Progress(learner.step, learner.version, [], list(d), learner.checkpoint_step))
+                    await progress.send(Progress(learner.step, learner.version, [], list(d),
+                                                 learner.checkpoint_step, outlet.epoch))
         return StepBatch(keep)
 
     try:
@@ -113,17 +116,18 @@ async def run(ctx: StageContext) -> None:
                                publish_s=t_done - t_publish)
                 last_step_at = now
                 await progress.send(Progress(result.step, result.version, result.consumed_ids, [],
-                                             learner.checkpoint_step))
+                                             learner.checkpoint_step, outlet.epoch))
                 await ctx.metrics(result.step, metrics)
                 ctx.log.info("step", step=result.step, version=result.version, skipped=result.skipped,
                              reward_mean=round(metrics["reward_mean"], 4), loss=round(metrics["loss"], 5))
             if s.learner.checkpoint_every and result.step % s.learner.checkpoint_every == 0:
                 await asyncio.to_thread(learner.save_checkpoint)  # collective
                 if rank == 0:  # the source may now forget groups this checkpoint covers
-                    await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step))
+                    await progress.send(Progress(learner.step, learner.version, [], [],
+                                                 learner.checkpoint_step, outlet.epoch))
         await asyncio.to_thread(learner.save_checkpoint)
         if rank == 0:
-            await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step))
+            await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step, outlet.epoch))
         ctx.log.info("learner drained", step=learner.step, version=learner.version)
     finally:
         outlet.close()

@@ -16,9 +16,20 @@ acknowledging a version each engine sends a ``CanaryReport`` with its own, compu
 version it just loaded; ``canary_gap`` is their mean and max absolute difference, kept per
 engine per version (``canaries``, the newest ``CANARY_VERSIONS`` versions).
 
+Learner epochs: every offer carries its learner's incarnation (``learner_epoch``, see
+``stages.rollout.weights``). An offer of a newer epoch is taken whatever its version: a
+learner restarted from an older checkpoint re-offers lower versions, engines load them
+(dropping the newer-numbered weights of the timeline that no longer exists), and they
+become live here (``live_version`` may go down, ``WeightsReady`` carries the epoch). An
+offer of an older epoch than the newest seen is dropped (``offer`` returns None): a late
+message of a learner that no longer exists. Acknowledgements count only for the pending
+(version, epoch). Canary figures of the abandoned timeline (versions ≥ the newer epoch's
+first offer) are forgotten.
+
 Invariants and failure behaviour:
 - Versions are handled in order; a newer offer supersedes a pending older one (its
-  stragglers no longer matter: engines always load the newest offer).
+  stragglers no longer matter: engines always load the newest offer). Within an epoch the
+  order is the learner's; across epochs the newer epoch wins.
 - A digest that differs from the manifest counts as a failure of that engine for that
   version; the engine stays on its previous version (it refuses to go live itself).
 - An engine that misses the budget is marked lagging and no longer waited for, until it
@@ -71,6 +82,10 @@ class PublisherCore:
         self.lagging: set[str] = set()
         self.pending: PendingVersion | None = None
         self.live_version = -1
+        self.live_epoch = 0
+        """Learner epoch of ``live_version``."""
+        self.learner_epoch = 0
+        """Newest learner epoch seen in an offer; older ones are dropped."""
         self.incomplete_versions: list[int] = []
         self.canaries: dict[int, dict[str, tuple[float, float]]] = {}
         """version → engine → (mean, max) canary gap; the newest ``CANARY_VERSIONS`` kept."""
@@ -81,8 +96,16 @@ class PublisherCore:
 
     CANARY_VERSIONS = 16
 
-    def offer(self, offer: WeightsOffer, now: float) -> WeightsOffer:
-        """Register a staged version; returns the offer to broadcast to engines."""
+    def offer(self, offer: WeightsOffer, now: float) -> WeightsOffer | None:
+        """Register a staged version; returns the offer to broadcast to engines, or None for
+        an offer of an older learner epoch than one already seen (not broadcast)."""
+        if offer.learner_epoch < self.learner_epoch:
+            return None
+        if offer.learner_epoch > self.learner_epoch:
+            self.learner_epoch = offer.learner_epoch
+            for per_version in (self.canaries, self.learner_canary):  # the abandoned timeline's
+                for v in [v for v in per_version if v >= offer.manifest.version]:
+                    del per_version[v]
         if self.pending is not None:
             self.incomplete_versions.append(self.pending.offer.manifest.version)
         self.pending = PendingVersion(offer, now, self.expected - self.lagging)
@@ -109,7 +132,7 @@ class PublisherCore:
         self.expected.add(ack.engine)
         self.lagging.discard(ack.engine)
         p = self.pending
-        if p is None or ack.version != p.offer.manifest.version:
+        if p is None or ack.version != p.offer.manifest.version or ack.learner_epoch != p.offer.learner_epoch:
             return None
         want = [b.digest for b in p.offer.manifest.buckets]
         if not ack.ok:
@@ -143,6 +166,6 @@ class PublisherCore:
         if not p.confirmed:
             self.incomplete_versions.append(version)
             return None
-        self.live_version = version
+        self.live_version, self.live_epoch = version, p.offer.learner_epoch
         return WeightsReady(version, p.offer.location, p.offer.transport, p.offer.manifest.total_bytes,
-                            max(p.confirmed.values(), default=0.0))
+                            max(p.confirmed.values(), default=0.0), p.offer.learner_epoch)

@@ -63,10 +63,15 @@ async def run(ctx: StageContext) -> None:
         ready = None
         pending = core.pending
         if isinstance(msg, WeightsOffer):
-            offer = msgspec.structs.replace(msg, deadline_s=s.publisher.deadline_s)
-            await out.send(core.offer(offer, time.monotonic()))
-            ctx.log.info("offered", version=msg.manifest.version, bytes=msg.manifest.total_bytes,
-                         transport=msg.transport, buckets=len(msg.manifest.buckets))
+            offer = core.offer(msgspec.structs.replace(msg, deadline_s=s.publisher.deadline_s), time.monotonic())
+            if offer is None:
+                ctx.log.warning("offer of an older learner epoch dropped", version=msg.manifest.version,
+                                epoch=msg.learner_epoch, newest_epoch=core.learner_epoch)
+            else:
+                await out.send(offer)
+                ctx.log.info("offered", version=msg.manifest.version, epoch=msg.learner_epoch,
+                             bytes=msg.manifest.total_bytes, transport=msg.transport,
+                             buckets=len(msg.manifest.buckets))
         elif isinstance(msg, WeightsLoaded):
             if not msg.ok:
                 ctx.log.warning("engine refused version", engine=msg.engine, version=msg.version, error=msg.error)
@@ -88,4 +93,5 @@ async def run(ctx: StageContext) -> None:
             await out.send(ready)
             ctx.weight_version = ready.version
             ctx.processed += 1
-            ctx.log.info("weights ready", version=ready.version, lagging=sorted(core.lagging))
+            ctx.log.info("weights ready", version=ready.version, epoch=ready.learner_epoch,
+                         lagging=sorted(core.lagging))

@@ -7,7 +7,16 @@ the offer to the publisher's ``publish`` socket, then lets the sender deliver (`
 the broadcast starts in the background while training goes on).
 
 For ``cuda_ipc`` rank 0 also follows the publisher's ``WeightsReady`` so that the sender
-knows when a version's buffers are free again (``CudaIpcSender.settled``).
+knows when a version's buffers are free again (``CudaIpcSender.settled``); only those of
+its own epoch count (the last-value cache may hand it its predecessor's, of a higher
+version, which would free the buffers too early).
+
+Learner epoch: rank 0 takes the next incarnation number at start (``next_learner_epoch``:
+a counter in ``<run_dir>/learner_epoch``, written durably before the first offer, so an
+epoch is never reused even if the learner dies at once) and stamps it on every offer; the
+shell puts it on every ``Progress``. Engines, the publisher and the source order versions
+within an epoch and let a newer epoch win (a learner resumed from an older checkpoint
+re-offers lower versions; see ``stages.rollout.weights``).
 
 Failure behaviour: a sender error (no CUDA, a full ``/dev/shm``) propagates: the learner
 stage fails and the supervisor restarts the learner group. A failed nccl transfer does not
@@ -19,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -30,10 +41,33 @@ from stages.publisher.canary import canary_ids, teacher_forced_logprobs
 from stages.publisher.senders import make_sender
 
 
+EPOCH_FILE = "learner_epoch"
+
+
+def next_learner_epoch(run_dir: str | Path) -> int:
+    """One more than the epoch recorded in ``run_dir`` (1 for the first learner of a run);
+    recorded durably (temporary file, fsync, rename) before it is returned."""
+    path = Path(run_dir) / EPOCH_FILE
+    try:
+        last = int(path.read_text().strip() or 0)
+    except FileNotFoundError:
+        last = 0
+    epoch = last + 1
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{epoch}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return epoch
+
+
 class WeightOutlet:
     def __init__(self, ctx: Any, rank: int) -> None:
         self.ctx, self.rank = ctx, rank
         s = ctx.stack
+        self.epoch = next_learner_epoch(ctx.run_dir) if rank == 0 else 0
+        """This learner's incarnation (rank 0; other ranks send nothing)."""
         self.engine_dtype = getattr(torch, s.model.dtype)
         self.canary = canary_ids()
         self.sender = make_sender(s, ctx.run_dir, ctx.endpoints) if rank == 0 else None
@@ -49,7 +83,7 @@ class WeightOutlet:
     async def _follow_ready(self) -> None:
         ch = await self.ctx.subscribe("weights", topics=("weights_ready",))
         async for msg in ch:
-            if isinstance(msg, WeightsReady):
+            if isinstance(msg, WeightsReady) and msg.learner_epoch == self.epoch:
                 self.sender.settled(msg.version)
 
     async def publish(self, learner: Any) -> None:
@@ -63,7 +97,8 @@ class WeightOutlet:
         if last and last != self._reported:
             self.ctx.log.warning("weight transfer failed", error=last)
         self._reported = last
-        offer = msgspec.structs.replace(offer, canary_ids=self.canary, canary_logprobs=canary)
+        offer = msgspec.structs.replace(offer, canary_ids=self.canary, canary_logprobs=canary,
+                                        learner_epoch=self.epoch)
         await self.offers.send(offer)
         self.sender.deliver()
 

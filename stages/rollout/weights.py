@@ -19,10 +19,24 @@ by ``deadline_s × buckets``), finish. On expiry or any error the update is abor
 (``abort_weight_update``: old weights, generation resumes) and, for nccl, the group is
 aborted and never rejoined (the sender moves to a new group for the next version).
 
+Learner epochs (rollback): versions are ordered only within one learner incarnation
+(``WeightsOffer.learner_epoch``). A learner that crashed after publishing version 28 and
+resumed its step-20 checkpoint offers 20, 21, ... under a newer epoch; those weights are
+the only ones of a timeline that still exists, so the loader takes them although their
+version is lower than the live one (samples then record spans with version 20 as usual).
+The rule, with ``live_epoch`` the epoch of the weights this loader last made live (0 for
+the seeded start and for offers that carry no epoch):
+- offer epoch > ``live_epoch``: applied, whatever its version (even equal to the live one);
+- offer epoch = ``live_epoch``: applied only if newer than the live version (the first
+  offer also at an equal version, see ``loaded_any``);
+- offer epoch < ``live_epoch``: ignored (a late offer of a learner that no longer exists).
+``live_epoch`` moves only when a version goes live; a refused offer of a newer epoch leaves
+the engine on its old weights and the next offer of that epoch is applied.
+
 Invariants and failure behaviour:
-- An offer is applied only if it is newer than the engine's live version; a version goes
-  live only after every bucket arrived and matched its digest (engines verify before
-  anything is copied into the model).
+- An offer is applied only if it supersedes the engine's live weights (the epoch rule
+  above); a version goes live only after every bucket arrived and matched its digest
+  (engines verify before anything is copied into the model).
 - A manifest that does not match the engine's parameters, a digest mismatch, a failed or
   late transfer leave the engine on its previous version; the result is reported to the
   publisher as ``WeightsLoaded(ok=False, error="<phase>: ...")``. A torn shm read (the
@@ -62,25 +76,35 @@ class WeightLoader:
         self.loaded_any = False
         """The engine starts on seeded weights labelled version 0; the first offer is loaded
         even at version 0, so its digests are checked and it is acknowledged."""
+        self.live_epoch = 0
+        """Learner epoch of the live weights (0: the seeded start, or offers without one)."""
         self.group: Any = None
         """The torch-protocol ``BroadcastGroup`` this engine is in (nccl transport)."""
         self.dead_groups: set[str] = set()
         """Group ids that failed here: the sender has abandoned them too."""
 
+    def supersedes(self, offer: WeightsOffer) -> bool:
+        """Whether ``offer`` replaces the live weights (the epoch rule of the module docstring)."""
+        if offer.learner_epoch != self.live_epoch:
+            return offer.learner_epoch > self.live_epoch
+        version, live = offer.manifest.version, self.engine.weight_version
+        return version > live or (version == live and not self.loaded_any)
+
     async def apply(self, offer: WeightsOffer) -> WeightsLoaded | None:
-        version = offer.manifest.version
-        if version < self.engine.weight_version or (version == self.engine.weight_version and self.loaded_any):
+        if not self.supersedes(offer):
             return None
+        version, epoch = offer.manifest.version, offer.learner_epoch
         t0 = time.perf_counter()
         try:
             digests = await self._load(offer)
         except TornRead:
             return None
         except Refused as e:
-            return WeightsLoaded(version, self.engine_name, False, [], str(e), time.perf_counter() - t0)
+            return WeightsLoaded(version, self.engine_name, False, [], str(e), time.perf_counter() - t0, epoch)
         seconds = time.perf_counter() - t0
         self.loaded_any = True
-        return WeightsLoaded(version, self.engine_name, True, digests, "", seconds)
+        self.live_epoch = epoch
+        return WeightsLoaded(version, self.engine_name, True, digests, "", seconds, epoch)
 
     # ------------------------------------------------------------------ phases
     async def _load(self, offer: WeightsOffer) -> list[str]:

@@ -60,7 +60,7 @@ async def run(ctx: StageContext) -> None:
     async def follow_weights() -> None:
         async for msg in weights:
             if isinstance(msg, WeightsReady):
-                src.on_weights_ready(msg.version)
+                src.on_weights_ready(msg.version, msg.learner_epoch)
                 wake.set()
 
     follower = asyncio.get_running_loop().create_task(follow_progress())

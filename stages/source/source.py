@@ -28,6 +28,16 @@ producing groups the learner must drop as stale. A lag that blocks issuing for l
 ``weights_wait_s`` (an update that never goes live) is ignored from then on, so the stack
 cannot deadlock on a lost ``WeightsReady``.
 
+Versions are ordered within one learner incarnation (``learner_epoch`` on ``Progress`` and
+``WeightsReady``; 0 where a sender sets none). A learner restarted from an older
+checkpoint has a newer epoch and lower versions: its ``WeightsReady`` replaces the live
+version even though the number goes down, and one of an older epoch than the live one is
+ignored (a late broadcast of a learner that no longer exists). Until the restarted
+learner's weights are live, the engines serve those of a timeline the learner rolled back
+(``0 < live_epoch < learner_epoch``): the lag counts as unbounded, so generation waits for
+the new weights (bounded by ``weights_wait_s`` like any lag). Live weights of epoch 0 (the
+engines' seeded start, before any ``WeightsReady``) are taken as the learner's.
+
 Leases: each outstanding group carries the time of its latest issue. ``poll()`` reissues
 (same ``group_id``, ``attempt + 1``, ``issued_version`` = current learner version) every
 group whose lease (``lease_seconds``) expired; ``reissue_all_outstanding()`` does so for all
@@ -181,6 +191,10 @@ class PromptSource:
         self.outstanding: dict[str, OutstandingGroup] = {}
         self.live_version = 0
         """Newest version the engines serve (``WeightsReady``); see "Weight lag"."""
+        self.live_epoch = 0
+        """Learner epoch of ``live_version``."""
+        self.learner_epoch = 0
+        """Newest learner epoch seen (``Progress`` or ``WeightsReady``)."""
         self._lag_blocked_since: float | None = None
         self.undurable: dict[str, tuple[int, OutstandingGroup]] = {}
         """Consumed groups a learner rollback would lose: id → (step consumed, entry)."""
@@ -205,7 +219,12 @@ class PromptSource:
     def credit(self, now: float | None = None) -> int:
         """Fresh groups that may be issued now (0 when the dataset is exhausted)."""
         now = self._clock() if now is None else now
-        lag = max(0, self.learner_version - self.live_version) if self.config.follow_weights else 0
+        lag = 0
+        if self.config.follow_weights:
+            if 0 < self.live_epoch < self.learner_epoch:  # rolled-back weights: wait for the learner's
+                lag = self.config.max_staleness + 1
+            else:
+                lag = max(0, self.learner_version - self.live_version)
         window = self.config.groups_per_step * max(0, self.config.max_staleness + 1 - lag)
         if window < self.window and window <= len(self.outstanding):  # held back by the lag
             if self._lag_blocked_since is None:
@@ -265,6 +284,7 @@ class PromptSource:
         ``progress.version`` is taken as is, even if lower than before: a learner restarted
         from an older checkpoint really is at that version again."""
         self.learner_version = progress.version
+        self.learner_epoch = max(self.learner_epoch, progress.learner_epoch)
         if progress.step < self.learner_step:
             # The learner restarted from its newest checkpoint. Its first Progress may be
             # missed (the restarted publisher's first sends can precede our re-subscription),
@@ -296,11 +316,21 @@ class PromptSource:
                 self.outstanding[group_id] = entry
                 self._rolled_back.add(group_id)
 
-    def on_weights_ready(self, version: int) -> None:
+    def on_weights_ready(self, version: int, learner_epoch: int = 0) -> None:
         """A newer live version (from ``WeightsReady``) also advances the learner version
-        (never lowers it: an old broadcast may arrive late)."""
-        self.learner_version = max(self.learner_version, version)
-        self.live_version = max(self.live_version, version)
+        (never lowers it within an epoch: an old broadcast may arrive late). A newer epoch
+        replaces the live version even if lower (a learner rollback, see "Weight lag"); an
+        older one is ignored."""
+        if learner_epoch < self.live_epoch:
+            return
+        if learner_epoch > self.live_epoch:
+            self.live_epoch, self.live_version = learner_epoch, version
+        else:
+            self.live_version = max(self.live_version, version)
+        if learner_epoch > self.learner_epoch:  # the restarted learner's Progress has not arrived yet
+            self.learner_epoch, self.learner_version = learner_epoch, version
+        elif learner_epoch == self.learner_epoch:
+            self.learner_version = max(self.learner_version, version)
 
     # ------------------------------------------------------------------ state
 

@@ -76,3 +76,47 @@ def test_canary_gap_per_engine_and_version():
     assert abs(mean - 0.5 / 3) < 1e-9 and mx == 0.5 and core.canaries[1] == {"rollout/0": (mean, mx)}
     assert core.canary(CanaryReport(1, "rollout/1", np.zeros(2, np.float32))) is None  # wrong length
     assert core.canary(CanaryReport(7, "rollout/1", np.zeros(3, np.float32))) is None  # unknown version
+
+
+def at_epoch(o, epoch):
+    import msgspec
+
+    return msgspec.structs.replace(o, learner_epoch=epoch)
+
+
+def test_a_rolled_back_learner_goes_live_at_a_lower_version_under_a_newer_epoch():
+    """Learner epoch 1 published up to v28 and died; epoch 2 resumed step 20 and offers v20."""
+    import msgspec
+    import numpy as np
+
+    from schemas.messages import CanaryReport
+
+    core = PublisherCore({"rollout/0"})
+    canaried = {}
+    for v in (19, 28):
+        o = at_epoch(offer(v), 1)
+        o.canary_logprobs = np.zeros(3, np.float32)
+        core.offer(o, now=0)
+        assert core.loaded(msgspec.structs.replace(ok(v, "rollout/0"), learner_epoch=1)).version == v
+        canaried[v] = core.canary(CanaryReport(v, "rollout/0", np.zeros(3, np.float32)))
+    assert (core.live_version, core.live_epoch) == (28, 1) and set(core.canaries) == {19, 28}
+
+    assert core.offer(at_epoch(offer(20), 2), now=1) is not None  # broadcast, though 20 < 28
+    assert set(core.canaries) == set(core.learner_canary) == {19}  # 28 was of the lost timeline
+    stale = msgspec.structs.replace(ok(20, "rollout/0"), learner_epoch=1)
+    assert core.loaded(stale) is None and core.pending is not None  # not an answer to epoch 2's v20
+    ready = core.loaded(msgspec.structs.replace(ok(20, "rollout/0"), learner_epoch=2))
+    assert (ready.version, ready.learner_epoch) == (20, 2)
+    assert (core.live_version, core.live_epoch) == (20, 2)
+
+    assert core.offer(at_epoch(offer(29), 1), now=2) is None  # a late offer of the dead learner
+    assert core.pending is None and core.learner_epoch == 2
+    assert core.offer(at_epoch(offer(21), 2), now=3) is not None
+
+
+def test_next_learner_epoch_grows_with_every_start(tmp_path):
+    from stages.publisher.outlet import EPOCH_FILE, next_learner_epoch
+
+    assert [next_learner_epoch(tmp_path) for _ in range(3)] == [1, 2, 3]
+    assert (tmp_path / EPOCH_FILE).read_text().strip() == "3"
+    assert not list(tmp_path.glob("*.tmp"))

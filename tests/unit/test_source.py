@@ -83,6 +83,50 @@ def test_a_version_that_never_goes_live_stalls_issuing_only_for_weights_wait_s(t
     assert len(source.poll()) == 2  # issue anyway rather than deadlock
 
 
+def test_after_a_learner_rollback_generation_waits_for_the_restarted_learners_weights(tmp_path):
+    """Learner epoch 1 reached v3 (live); epoch 2 resumed step 1. Engines still serve epoch
+    1's v3, a timeline that no longer exists: no fresh groups until epoch 2's weights are live."""
+    clock = FakeClock()
+    source = make_source(tmp_path, clock=clock, groups_per_step=2, max_staleness=2, lease_seconds=1e9,
+                         follow_weights=True, weights_wait_s=30.0)
+    for step in (1, 2, 3):
+        groups = source.poll()
+        source.on_progress(Progress(step, step, [g.group_id for g in groups[:2]], [], checkpoint_step=1,
+                                    learner_epoch=1))
+        source.on_weights_ready(step, 1)
+    assert (source.live_version, source.learner_version, source.credit()) == (3, 3, 2)
+    source.on_progress(Progress(1, 1, [], [], checkpoint_step=1, learner_epoch=2))
+    again = source.poll()
+    assert len(again) == 4 and all(g.attempt == 1 for g in again)  # steps 2 and 3 rolled back
+    source.on_progress(Progress(2, 2, [g.group_id for g in again], [], checkpoint_step=1, learner_epoch=2))
+    assert len(source.outstanding) == 4 and source.credit() == 0  # engines: epoch 1's v3 (lag 0 by number)
+    source.on_weights_ready(4, 1)  # a late broadcast of the dead learner changes nothing
+    assert (source.live_version, source.live_epoch, source.credit()) == (4, 1, 0)
+    source.on_weights_ready(1, 2)  # lower version, newer epoch: live; lag 1 shrinks the window to 4
+    assert (source.live_version, source.live_epoch, source.learner_version) == (1, 2, 2)
+    assert source.credit() == 0
+    source.on_weights_ready(3, 1)
+    assert (source.live_version, source.live_epoch) == (1, 2)
+    source.on_weights_ready(2, 2)
+    assert source.credit() == 2
+
+    source.on_progress(Progress(2, 2, [], [], checkpoint_step=2, learner_epoch=3))  # a restart at step 2
+    assert source.credit() == 0  # its weights never go live: issuing stalls for weights_wait_s only
+    clock.advance(30.0)
+    assert source.credit() == 2
+
+
+def test_weights_of_a_restarted_learner_may_precede_its_progress(tmp_path):
+    source = make_source(tmp_path, follow_weights=True, max_staleness=0)
+    source.on_progress(Progress(5, 5, [], [], learner_epoch=1))
+    source.on_weights_ready(5, 1)
+    source.on_weights_ready(2, 2)  # epoch 2 resumed step 2; its first Progress is still in flight
+    assert (source.learner_version, source.live_version, source.learner_epoch) == (2, 2, 2)
+    assert source.credit() == source.window
+    source.on_progress(Progress(2, 2, [], [], checkpoint_step=2, learner_epoch=2))
+    assert source.credit() == source.window
+
+
 def test_dropped_groups_return_their_credit(tmp_path):
     source = make_source(tmp_path)
     groups = source.poll()

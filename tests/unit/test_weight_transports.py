@@ -113,6 +113,40 @@ async def test_a_lapped_slot_is_skipped_and_a_vanished_one_reported(shm_sender):
     loader.close()
 
 
+async def test_a_newer_learner_epoch_replaces_higher_versions_and_an_older_one_is_ignored(shm_sender):
+    """Learner epoch 1 published v28 and died; epoch 2 resumed its step-20 checkpoint. The
+    engine leaves v28 for epoch 2's v20 (spans say 20 from then on); epoch 1 is dead."""
+    import msgspec
+
+    def staged(seed, version, epoch):
+        return msgspec.structs.replace(shm_sender.stage(weight_params(seed), version), learner_epoch=epoch)
+
+    engine = TorchEngine(build_model("tiny", seed=0), max_batch=4)
+    loader = WeightLoader(engine, "rollout/0")
+    core = PublisherCore({"rollout/0"})
+    req = asyncio.ensure_future(engine.generate("g", np.array([1, 5]), SamplingParams(max_tokens=60)))
+    for seed, version, epoch, tokens in ((28, 28, 1, 10), (20, 20, 2, 20)):
+        while not engine.active or len(engine.active[0].out.token_ids) < tokens:
+            await asyncio.sleep(0.002)
+        offer = staged(seed, version, epoch)
+        assert core.offer(offer, time.monotonic()) is offer
+        ack = await loader.apply(offer)
+        assert ack.ok and ack.learner_epoch == epoch, ack.error
+        ready = core.loaded(ack)
+        assert (ready.version, ready.learner_epoch) == (version, epoch)
+        assert (engine.weight_version, loader.live_epoch) == (version, epoch)
+    [c] = await req
+    assert [v for _, v in c.version_spans] == [0, 28, 20] and c.finish_reason == "length"
+    assert await loader.apply(staged(29, 29, 1)) is None  # a late offer of the dead learner
+    assert await loader.apply(staged(19, 19, 2)) is None  # within an epoch, versions only go up
+    assert await loader.apply(staged(20, 20, 3)) is not None  # a restart at the same version reloads
+    assert (engine.weight_version, loader.live_epoch) == (20, 3)
+    got = dict(engine.model.named_parameters())
+    assert all(torch.equal(p, got[n]) for n, p in weight_params(20).items())
+    await engine.stop()
+    loader.close()
+
+
 def test_nccl_transport_over_gloo_stalled_engine_aborts_everywhere_then_next_version_applies():
     """Learner rank 0 (this process, ``NcclSender`` with gloo) and two engine processes.
     Version 1 loads bit-exact; while loading version 2, rollout/1 stalls before its second
