@@ -156,6 +156,11 @@ class Progress(msgspec.Struct, tag="progress", array_like=True, gc=False):
     source keeps them until a checkpoint covers them and reissues them on a rollback."""
     learner_epoch: int = 0
     """Incarnation of the learner that sent this (``WeightsOffer.learner_epoch``; 0: none)."""
+    resumed_step: int = -1
+    """Step this learner incarnation started from (its resumed checkpoint's; 0: started
+    fresh; -1: not set). The source rolls back to it on the first ``Progress`` of a newer
+    epoch, even when it missed that incarnation's first messages (PUB/SUB reconnects lose
+    what was sent before the subscriber reconnected)."""
 
 
 class WeightsReady(msgspec.Struct, tag="weights_ready", array_like=True, gc=False):

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
 from pipeline.runtime import StageContext
-from schemas.messages import GroupFailed, Progress, TrainGroup
+from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainGroup
 from stages.learner.feed import StepBatch, broadcast_batch
 from stages.learner.trainer import Learner
 from stages.publisher.outlet import WeightOutlet
@@ -56,10 +57,18 @@ async def run(ctx: StageContext) -> None:
     ctx.log.info("learner ready", rank=rank, resumed=resumed, step=learner.step, version=learner.version)
 
     outlet = WeightOutlet(ctx, rank)  # rank 0: the stack's weight sender and the offer socket
+    resumed_step = learner.step
+
+    def report(step: int, version: int, consumed: Sequence[str] = (),
+               dropped: Sequence[DroppedGroup] = ()) -> Progress:
+        """Progress of this step, stamped with this incarnation's epoch and resume point."""
+        return Progress(step, version, list(consumed), list(dropped), learner.checkpoint_step, outlet.epoch,
+                        resumed_step)
+
     if rank == 0:
         inbox = ctx.work_in("train", credit=2 * s.learner.groups_per_step)
         progress = ctx.publisher("progress")
-        await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step, outlet.epoch))
+        await progress.send(report(learner.step, learner.version))
 
     async def stage_weights() -> None:
         await outlet.publish(learner)  # collective: full parameters and the canary forward
@@ -80,8 +89,7 @@ async def run(ctx: StageContext) -> None:
                 keep += k
                 if d:  # report terminal drops promptly: the source returns their credit
                     learner.record_dropped(d)
-                    await progress.send(Progress(learner.step, learner.version, [], list(d),
-                                                 learner.checkpoint_step, outlet.epoch))
+                    await progress.send(report(learner.step, learner.version, dropped=d))
         return StepBatch(keep)
 
     try:
@@ -115,19 +123,17 @@ async def run(ctx: StageContext) -> None:
                                wait_s=t_train - t_wait, train_s=t_publish - t_train,
                                publish_s=t_done - t_publish)
                 last_step_at = now
-                await progress.send(Progress(result.step, result.version, result.consumed_ids, [],
-                                             learner.checkpoint_step, outlet.epoch))
+                await progress.send(report(result.step, result.version, result.consumed_ids))
                 await ctx.metrics(result.step, metrics)
                 ctx.log.info("step", step=result.step, version=result.version, skipped=result.skipped,
                              reward_mean=round(metrics["reward_mean"], 4), loss=round(metrics["loss"], 5))
             if s.learner.checkpoint_every and result.step % s.learner.checkpoint_every == 0:
                 await asyncio.to_thread(learner.save_checkpoint)  # collective
                 if rank == 0:  # the source may now forget groups this checkpoint covers
-                    await progress.send(Progress(learner.step, learner.version, [], [],
-                                                 learner.checkpoint_step, outlet.epoch))
+                    await progress.send(report(learner.step, learner.version))
         await asyncio.to_thread(learner.save_checkpoint)
         if rank == 0:
-            await progress.send(Progress(learner.step, learner.version, [], [], learner.checkpoint_step, outlet.epoch))
+            await progress.send(report(learner.step, learner.version))
         ctx.log.info("learner drained", step=learner.step, version=learner.version)
     finally:
         outlet.close()

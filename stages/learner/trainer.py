@@ -141,6 +141,9 @@ class Learner:
                     dropped.append(DroppedGroup(g.group_id, f"failed: {g.reason}"))
                     self.dropped_counts["failed"] += 1
                     self.terminal.add(g.group_id)
+                else:  # already terminal here: still answer, the source waits for a reply
+                    dropped.append(DroppedGroup(g.group_id, "duplicate"))
+                    self.dropped_counts["duplicate"] += 1
                 continue
             gid = g.scored.rollout.group.group_id
             if gid in self.terminal or gid in seen:
@@ -286,10 +289,12 @@ class Learner:
                 f.write(json.dumps({"resumed": self.step, "version": self.version, "time": time.time()}) + "\n")
         return True
 
-    def full_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Collective; rank 0 gets every parameter, full and on CPU in ``dtype``, for the
-        publisher; other ranks get {}."""
-        return full_parameters(self.model, dtype)
+    def full_state_dict(self, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Collective; rank 0 gets every parameter, full, in ``dtype`` on ``device`` (None:
+        CPU), for the publisher; other ranks get {}. Every rank passes the same kind of
+        device (``fsdp.full_parameters``)."""
+        return full_parameters(self.model, dtype, device)
 
     full_parameters = full_state_dict
     """Name used by the stage shell (``main.py``)."""

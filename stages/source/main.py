@@ -1,7 +1,7 @@
 """Source stage shell: ``PromptSource`` → ``prompts`` work stream; ``Progress`` → credit.
 
 Sockets: PUSH ``prompts`` (groups), PUSH ``train`` (``GroupFailed`` for abandoned groups, so
-the learner records their terminal state), SUB ``progress`` (consumed/dropped ids and the
+the learner records their terminal state; resent until a ``Progress`` answers it), SUB ``progress`` (consumed/dropped ids and the
 learner version), SUB ``weights`` (``WeightsReady``: the live version, see the source's
 "Weight lag"). State (cursor, outstanding groups) is saved to ``source_state.json`` in
 the run dir after every batch it issues, and restored at start, so a restarted source
@@ -72,9 +72,10 @@ async def run(ctx: StageContext) -> None:
             groups += src.poll()
             for g in groups:
                 await out.send(g)
-            for f in src.take_failed():
+            failed = src.take_failed()
+            for f in failed:
                 await failed_out.send(f)
-            if groups:
+            if groups or failed:
                 src.save_state(state_path)
                 ctx.processed += len(groups)
             ctx.in_flight = len(src.outstanding)

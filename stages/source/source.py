@@ -45,19 +45,26 @@ of them at once (a downstream replica restarted; which groups it held is unknown
 Reissues do not consume credit. A group issued ``max_attempts`` times whose last lease
 expires is abandoned: it leaves the outstanding set (returning its credit) and a
 ``GroupFailed`` for it is queued in ``take_failed()`` for the shell to send to the learner,
-so it still reaches a terminal state.
+so it still reaches a terminal state. The notice stays in ``failing`` until a ``Progress``
+reports the group (the learner answers every notice, with ``duplicate`` if the group was
+already terminal there) and is sent again after each ``lease_seconds`` without an answer
+and at once when a new learner incarnation appears: a learner that dies holding the notice
+in its inbox would otherwise lose the group.
 
 Terminal marking: ``on_progress`` removes ids listed as consumed or dropped; ids it does
 not know (duplicates, late copies, abandoned groups) are ignored, and so are drops of a
 copy as ``duplicate`` (the other copy, possibly in the same step, carries the group's state).
 
 Learner rollback: a group consumed at step ``s`` returns its credit at once, but stays in
-``undurable`` until a ``Progress`` reports ``checkpoint_step >= s``. When the learner's step
-goes backwards (it restarted from its newest checkpoint ``c``), every undurable group
-consumed after ``c`` (the ``checkpoint_step`` the restarted learner reports) was rolled back
-with the model: it returns to ``outstanding`` and is
-reissued (reason ``rollback``; not counted against ``max_attempts``), so it is trained
-again exactly once in the model that survives.
+``undurable`` until a ``Progress`` reports ``checkpoint_step >= s``. When a new learner
+incarnation appears (the first ``Progress`` of a newer ``learner_epoch``: it restarted from
+its newest checkpoint ``c``, reported as ``resumed_step``), every undurable group consumed
+after ``c`` was rolled back with the model: it returns to ``outstanding`` and is reissued
+(reason ``rollback``; not counted against ``max_attempts``), so it is trained again exactly
+once in the model that survives. The epoch, not a step that goes backwards, is the signal:
+a subscriber that reconnects to the restarted learner misses what it sent first, and the
+new timeline may pass the old step before a ``Progress`` gets through. Senders of epoch 0
+(none set) fall back to the step going backwards and ``checkpoint_step``.
 
 Issue log: every issue (fresh or reissue) appends one JSON line to ``<run_dir>/issued.jsonl``
 before the group is returned: ``{"group_id", "attempt", "time", "issued_version",
@@ -203,9 +210,16 @@ class PromptSource:
         self._failed: list[GroupFailed] = []
         self._rolled_back: set[str] = set()
         """Outstanding groups due for a ``rollback`` reissue at the next ``poll``."""
+        self.progress_epoch = 0
+        """Learner epoch of the newest ``Progress``: a newer one is a restarted learner."""
+        self.failing: dict[str, tuple[float, GroupFailed]] = {}
+        """Abandoned groups whose ``GroupFailed`` the learner has not answered: id → (last
+        sent, notice); see "Leases"."""
+        self._resend_failing = False
         self.counters: dict[str, int] = {
             "issued_fresh": 0, "reissued_lease": 0, "reissued_restart": 0, "consumed": 0,
-            "dropped": 0, "reissued_rollback": 0, "abandoned": 0, "prompts_with_unknown_tokens": 0,
+            "dropped": 0, "reissued_rollback": 0, "abandoned": 0, "failure_notices_resent": 0,
+            "prompts_with_unknown_tokens": 0,
             "bad_dataset_rows": len(self.bad_rows),
         }
 
@@ -241,7 +255,7 @@ class PromptSource:
     @property
     def exhausted(self) -> bool:
         """A finite dataset is fully issued and nothing is outstanding."""
-        return self._dataset_exhausted() and not self.outstanding
+        return self._dataset_exhausted() and not self.outstanding and not self.failing
 
     def poll(self, now: float | None = None) -> list[PromptGroup]:
         """Groups to send now: reissues of expired leases first, then fresh groups up to credit."""
@@ -257,6 +271,12 @@ class PromptSource:
                 group = self._reissue(entry, now, "lease")
                 if group is not None:
                     out.append(group)
+        for group_id, (sent_at, notice) in list(self.failing.items()):
+            if self._resend_failing or now - sent_at >= self.config.lease_seconds:
+                self.failing[group_id] = (now, notice)
+                self._failed.append(notice)
+                self.counters["failure_notices_resent"] += 1
+        self._resend_failing = False
         for _ in range(self.credit(now)):
             out.append(self._issue_fresh(now))
         return out
@@ -269,12 +289,11 @@ class PromptSource:
 
     def next_lease_expiry(self) -> float | None:
         """Clock time at which ``poll`` will next reissue something (None: nothing outstanding)."""
-        if not self.outstanding:
-            return None
-        return min(e.issued_at for e in self.outstanding.values()) + self.config.lease_seconds
+        times = [e.issued_at for e in self.outstanding.values()] + [t for t, _ in self.failing.values()]
+        return min(times) + self.config.lease_seconds if times else None
 
     def take_failed(self) -> list[GroupFailed]:
-        """Abandoned groups (``max_attempts`` leases expired) to send to the learner; clears."""
+        """Failure notices to send to the learner (abandoned groups, and notices due again); clears."""
         failed, self._failed = self._failed, []
         return failed
 
@@ -285,12 +304,20 @@ class PromptSource:
         from an older checkpoint really is at that version again."""
         self.learner_version = progress.version
         self.learner_epoch = max(self.learner_epoch, progress.learner_epoch)
-        if progress.step < self.learner_step:
-            # The learner restarted from its newest checkpoint. Its first Progress may be
-            # missed (the restarted publisher's first sends can precede our re-subscription),
-            # so the rollback point is the checkpoint it reports, not this step.
+        if progress.learner_epoch > self.progress_epoch:
+            # A new learner incarnation (this may not be its first Progress: see "Learner
+            # rollback"). It lost its predecessor's inbox, so failure notices go out again.
+            self.progress_epoch = progress.learner_epoch
+            resumed = progress.resumed_step if progress.resumed_step >= 0 else progress.checkpoint_step
+            self._roll_back(resumed)
+            self._resend_failing = True
+        elif progress.learner_epoch == 0 and progress.step < self.learner_step:
+            # Epoch-less sender restarted from its newest checkpoint; its first Progress may
+            # have been missed, so the rollback point is the checkpoint it reports.
             self._roll_back(progress.checkpoint_step)
         self.learner_step = progress.step
+        for group_id in (*progress.consumed_ids, *(d.group_id for d in progress.dropped)):
+            self.failing.pop(group_id, None)  # the learner answered the notice
         for group_id in progress.consumed_ids:
             entry = self.outstanding.get(group_id)
             if self._forget(group_id):
@@ -347,6 +374,8 @@ class PromptSource:
             "learner_step": self.learner_step,
             "undurable": [[step, vars(entry).copy()] for step, entry in self.undurable.values()],
             "rolled_back": sorted(self._rolled_back),
+            "progress_epoch": self.progress_epoch,
+            "failing": [[sent_at, n.group_id, n.reason, n.stage] for sent_at, n in self.failing.values()],
             "counters": dict(self.counters),
         }
 
@@ -371,6 +400,9 @@ class PromptSource:
             entry = OutstandingGroup(**raw)
             self.undurable[entry.group_id] = (int(step), entry)
         self._rolled_back = set(state.get("rolled_back", [])) & set(self.outstanding)
+        self.progress_epoch = int(state.get("progress_epoch", 0))
+        self.failing = {gid: (float(sent_at), GroupFailed(gid, reason, stage))
+                        for sent_at, gid, reason, stage in state.get("failing", [])}
         self.counters.update(state.get("counters", {}))
         if self._rows is None:
             self._task_prompts = resolve_task(self.config.task).prompts(self.config.seed)
@@ -423,11 +455,13 @@ class PromptSource:
         if count_attempt and entry.attempt + 1 >= self.config.max_attempts:
             self._forget(entry.group_id)
             self.counters["abandoned"] += 1
-            self._failed.append(GroupFailed(
+            notice = GroupFailed(
                 entry.group_id,
                 f"not consumed after {self.config.max_attempts} issues "
                 f"(lease {self.config.lease_seconds:g}s, last reissue reason: {reason})",
-                "source"))
+                "source")
+            self._failed.append(notice)
+            self.failing[entry.group_id] = (now, notice)
             return None
         entry.attempt += 1
         entry.issued_at = now

@@ -308,3 +308,50 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
     loaded = load_dataset(tmp_path / "mixed.jsonl", "q", "a", skip_bad_rows=True)
     assert loaded.rows == [("1+1=", "2"), ("3+3=", "6")] and len(loaded.bad_rows) == 1
     assert "mixed.jsonl line 2: invalid JSON" in loaded.bad_rows[0]
+
+
+def test_a_restarted_learner_is_recognised_by_its_epoch_when_its_first_progress_is_missed(tmp_path):
+    """Epoch 1 trained steps 1-3 (checkpoint 1) and died. Epoch 2 resumed step 1; the source
+    missed its first messages and first hears of it at step 4, past the old step 3, with a
+    newer checkpoint (4) already: the rollback point is still the resume step."""
+    source = make_source(tmp_path, lease_seconds=1e9)
+    trained = {}
+    for step in (1, 2, 3):
+        batch = [g.group_id for g in source.poll()[:2]]
+        trained[step] = batch
+        source.on_progress(Progress(step, step, batch, [], checkpoint_step=1, learner_epoch=1, resumed_step=0))
+    new = [g.group_id for g in source.poll()]
+    source.on_progress(Progress(4, 4, new[:2], [], checkpoint_step=4, learner_epoch=2, resumed_step=1))
+    again = {line["group_id"] for line in read_issued(tmp_path) if line["reason"] == "rollback"}
+    assert again == set()  # reissued at the next poll
+    source.poll()
+    again = {line["group_id"] for line in read_issued(tmp_path) if line["reason"] == "rollback"}
+    assert again == set(trained[2] + trained[3])
+    assert not set(new[:2]) & set(source.outstanding) and source.progress_epoch == 2
+    source.on_progress(Progress(3, 3, [], [], checkpoint_step=1, learner_epoch=1))  # late: the dead one's
+    assert source.progress_epoch == 2 and source.counters["reissued_rollback"] == 4
+
+
+def test_a_failure_notice_is_resent_until_the_learner_answers_it(tmp_path):
+    clock = FakeClock()
+    source = make_source(tmp_path, clock=clock, groups_per_step=1, max_staleness=0, max_attempts=1)
+    (group,) = source.poll()
+    clock.advance(10)
+    (fresh,) = source.poll()  # lease expired at max_attempts: abandoned, its credit reused
+    (notice,) = source.take_failed()
+    source.on_progress(Progress(1, 1, [fresh.group_id], [], learner_epoch=1))
+    assert group.group_id in source.failing and source.next_lease_expiry() == clock.now + 10
+    clock.advance(10)  # no answer within a lease: sent again
+    (fresh,) = source.poll()
+    assert source.take_failed() == [notice] and source.counters["failure_notices_resent"] == 1
+    source.on_progress(Progress(2, 2, [fresh.group_id], [], learner_epoch=1))
+    source.on_progress(Progress(1, 1, [], [], learner_epoch=2))  # a new learner: it lost its inbox
+    source.poll()
+    assert source.take_failed() == [notice]
+    restored = make_source(tmp_path / "r", clock=clock, groups_per_step=1, max_staleness=0, max_attempts=1)
+    restored.load_state_dict(json.loads(json.dumps(source.state_dict())))
+    assert restored.failing.keys() == {group.group_id} and restored.progress_epoch == 2
+    for src in (source, restored):
+        src.on_progress(Progress(1, 1, [], [DroppedGroup(group.group_id, "duplicate")], learner_epoch=2))
+        assert not src.failing
+        src.take_failed()
