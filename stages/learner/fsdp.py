@@ -36,6 +36,7 @@ import torch.distributed as dist
 import transformers
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
@@ -136,11 +137,45 @@ def build_inference(name: str, *, device: torch.device, seed: int = 0,
     return model.eval().requires_grad_(False)
 
 
-def full_parameters(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Collective. Rank 0 gets every parameter (deduplicated, as ``named_parameters``) on
-    CPU in ``dtype``; other ranks get {}."""
+def full_parameters(model: torch.nn.Module, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Collective. Rank 0 gets every parameter (deduplicated, as ``named_parameters``) in
+    ``dtype`` on ``device``; other ranks get {}.
+
+    ``device`` None or CPU: the host path (``get_model_state_dict`` with ``cpu_offload``;
+    what the ``shm`` sender packs). Any other device: ``gather_full_parameters``, which
+    keeps the state off the host (``cuda_ipc``/``nccl`` senders copy it into their CUDA
+    buckets). The two paths run different collectives, so every rank must pass the same
+    kind of device (the outlet derives it from the stack, ``senders.staging_device``)."""
+    if device is not None and torch.device(device).type != "cpu":
+        return gather_full_parameters(model, dtype, device)
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return {}
     names = [n for n, _ in model.named_parameters()]
     return {n: sd[n].to(dtype) for n in names}
+
+
+def gather_full_parameters(model: torch.nn.Module, dtype: torch.dtype,
+                           device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Collective. One parameter at a time: all-gather where the shards live
+    (``DTensor.full_tensor``; every rank, in ``named_parameters`` order), then on rank 0
+    cast to ``dtype`` and move to ``device`` (a no-op when the shards live there: no host
+    round trip), freeing the gathered master copy at once. Other ranks drop each gathered
+    tensor immediately and get {}, so their extra memory is one full parameter; rank 0's
+    is the state in ``dtype`` plus one full parameter. The returned tensors never share
+    storage with the model's (a one-rank gather may return the shard itself)."""
+    device = torch.device(device)
+    rank0 = dist.get_rank() == 0
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+            if rank0:
+                t = full.to(device=device, dtype=dtype)
+                if t.untyped_storage().data_ptr() == local.untyped_storage().data_ptr():
+                    t = t.clone()
+                out[name] = t
+            del full, local
+    return out

@@ -6,6 +6,12 @@ canary forward are collective); rank 0 stages the bytes with the sender the stac
 the offer to the publisher's ``publish`` socket, then lets the sender deliver (``nccl``:
 the broadcast starts in the background while training goes on).
 
+Where the full state is gathered is the sender's choice (``senders.staging_device``, the
+same on every rank): on the host for ``shm``; on the learner's GPU for ``cuda_ipc`` and
+``nccl``, cast to the engine dtype there and copied into the sender's CUDA buckets, with no
+host round trip. Rank 0 drops the gathered state as soon as the sender staged it (it is in
+the sender's buffers then), so it never outlives one ``publish``.
+
 For ``cuda_ipc`` rank 0 also follows the publisher's ``WeightsReady`` so that the sender
 knows when a version's buffers are free again (``CudaIpcSender.settled``); only those of
 its own epoch count (the last-value cache may hand it its predecessor's, of a higher
@@ -38,7 +44,7 @@ import torch
 import transport
 from schemas.messages import WeightsReady
 from stages.publisher.canary import canary_ids, teacher_forced_logprobs
-from stages.publisher.senders import make_sender
+from stages.publisher.senders import make_sender, staging_device
 
 
 EPOCH_FILE = "learner_epoch"
@@ -69,6 +75,8 @@ class WeightOutlet:
         self.epoch = next_learner_epoch(ctx.run_dir) if rank == 0 else 0
         """This learner's incarnation (rank 0; other ranks send nothing)."""
         self.engine_dtype = getattr(torch, s.model.dtype)
+        self.device = staging_device(s)
+        """Where ``publish`` gathers the full state (every rank: it picks the collective)."""
         self.canary = canary_ids()
         self.sender = make_sender(s, ctx.run_dir, ctx.endpoints) if rank == 0 else None
         self.offers = None
@@ -88,11 +96,12 @@ class WeightOutlet:
 
     async def publish(self, learner: Any) -> None:
         """Collective: every rank calls it after the step whose weights are to be published."""
-        params = await asyncio.to_thread(learner.full_parameters, self.engine_dtype)
+        params = await asyncio.to_thread(learner.full_parameters, self.engine_dtype, self.device)
         canary = await asyncio.to_thread(teacher_forced_logprobs, learner.model, self.canary, learner.device)
         if self.rank != 0:
             return
         offer = await asyncio.to_thread(self.sender.stage, params, learner.version)  # waits for the last transfer
+        del params  # in the sender's buffers now; on the GPU it would hold a second copy of the model
         last = getattr(self.sender, "last_error", "")
         if last and last != self._reported:
             self.ctx.log.warning("weight transfer failed", error=last)

@@ -323,15 +323,30 @@ class NcclSender:
 
 
 # ----------------------------------------------------------------------------- choice
+def staging_device(stack: Any) -> torch.device:
+    """Where the stack's sender takes the full state from: the host for ``shm`` (packed
+    into ``/dev/shm``), the sender's CUDA device for ``cuda_ipc`` and ``nccl`` (its bucket
+    buffers live there, so the learner gathers on its GPU: no GPU → host → GPU round trip).
+    A function of the stack alone, so every learner rank picks the same gather
+    (``fsdp.full_parameters``), though only rank 0 has a sender."""
+    transport = stack.rollout.weight_transport
+    if transport == "shm":
+        return torch.device("cpu")
+    if transport in ("cuda_ipc", "nccl"):
+        return torch.device("cuda", 0) if stack.learner.device.startswith("cuda") else torch.device("cuda")
+    raise ValueError(f"rollout.weight_transport={transport!r}: expected shm, cuda_ipc or nccl")
+
+
 def make_sender(stack: Any, run_dir: Any, endpoints: Mapping[str, str]) -> WeightSender:
-    """The sender the stack's ``rollout.weight_transport`` names, for learner rank 0."""
+    """The sender the stack's ``rollout.weight_transport`` names, for learner rank 0; its
+    buffers are on ``staging_device(stack)``."""
     from stages.publisher.shm import run_slot_id
 
     transport = stack.rollout.weight_transport
     bucket_bytes, deadline = stack.publisher.bucket_mb << 20, stack.publisher.deadline_s
+    device = staging_device(stack)
     if transport == "shm":
         return ShmSender(run_slot_id(stack.run.name, run_dir), bucket_bytes, deadline)
-    device = torch.device("cuda", 0) if stack.learner.device.startswith("cuda") else torch.device("cuda")
     if transport == "cuda_ipc":
         return CudaIpcSender(bucket_bytes, deadline, device)
     if transport == "nccl":

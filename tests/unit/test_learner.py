@@ -196,11 +196,13 @@ def test_duplicate_and_stale_groups_are_dropped_and_counted(one_rank, tmp_path):
     progress = result.progress()
     assert progress.consumed_ids == ["a", "b"] and progress.version == result.version == 4
     # Already trained, a fresh copy of a group dropped as stale, a late failure of a trained
-    # one: each group has exactly one terminal state, so all are duplicates or ignored.
+    # one: each group has exactly one terminal state, so all are duplicates (a failure notice
+    # is answered too: the source resends it until it hears back).
     keep2, dropped2 = learner.admit([make_train_group("b", version=3), make_train_group("c", version=3),
                                      GroupFailed("a", "late failure", "logprob/0")])
-    assert keep2 == [] and [(d.group_id, d.reason) for d in dropped2] == [("b", "duplicate"), ("c", "duplicate")]
-    assert learner.dropped_counts == {"duplicate": 3, "stale": 1, "failed": 1, "invalid": 0}
+    assert keep2 == [] and [(d.group_id, d.reason) for d in dropped2] == [
+        ("b", "duplicate"), ("c", "duplicate"), ("a", "duplicate")]
+    assert learner.dropped_counts == {"duplicate": 4, "stale": 1, "failed": 1, "invalid": 0}
     broken = make_train_group("e", version=3)
     broken.scored.rollout.samples[1].logprobs = broken.scored.rollout.samples[1].logprobs[:-1]
     keep3, dropped3 = learner.admit([broken])
@@ -294,3 +296,22 @@ def test_leaving_out_zero_advantage_samples_changes_nothing_but_the_work(one_ran
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-4
     assert [m["grad_norm"] for m in got] == pytest.approx([m["grad_norm"] for m in want], rel=1e-5)
     assert got[0]["zero_adv_frac"] == 0.5 and got[0]["tokens"] < want[0]["tokens"]  # half the work
+
+
+def test_device_gather_equals_the_host_state_dict_and_shares_no_storage(one_rank, tmp_path):
+    """The ``cuda_ipc``/``nccl`` path gathers parameter by parameter where the shards live
+    (``gather_full_parameters``); run here on CPU it must give exactly the host path's bytes."""
+    from stages.learner.fsdp import full_parameters, gather_full_parameters
+
+    learner = Learner(CFG, run_dir=tmp_path, max_staleness=1)
+    learner.train_step([make_train_group("a", version=0)])
+    host = full_parameters(learner.model, torch.bfloat16)
+    gathered = gather_full_parameters(learner.model, torch.bfloat16, "cpu")
+    assert list(gathered) == list(host)
+    for name, t in gathered.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, host[name]), name
+    fp32 = gather_full_parameters(learner.model, torch.float32, "cpu")
+    params = dict(learner.model.named_parameters())
+    for name, t in fp32.items():
+        local = params[name].to_local() if hasattr(params[name], "to_local") else params[name]
+        assert t.untyped_storage().data_ptr() != local.untyped_storage().data_ptr(), name

@@ -307,9 +307,18 @@ class VllmEngine(Engine):
         await self._drain()
 
     async def _drain(self) -> None:
-        """Deliver every output produced before the pause to its request (see module doc)."""
+        """Deliver every output produced before the pause to its request (see module doc).
+
+        Nothing to wait for when no request is unfinished, or when AsyncLLM's output handler
+        (the queue's only consumer; it starts with the first request, and the engine is built
+        off the event loop, so an engine that has not generated yet has none) is not running:
+        waiting on the queue then always ran into ``DRAIN_TIMEOUT_S`` (an idle engine's update
+        took 5.03 s on the H200, 5.00 s of it this wait; the seeded start paid it too)."""
+        if not any(r.collector is not None and not r.finished for r in self._requests.values()):
+            return
         queue = getattr(self.llm.engine_core, "outputs_queue", None)
-        if isinstance(queue, asyncio.Queue):
+        handler = getattr(self.llm, "output_handler", None)
+        if isinstance(queue, asyncio.Queue) and handler is not None and not handler.done():
             from vllm.v1.engine import EngineCoreOutputs
 
             queue.put_nowait(EngineCoreOutputs())
