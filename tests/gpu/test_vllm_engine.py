@@ -180,6 +180,27 @@ def test_logprobs_match_teacher_forced_learner(loop, engine, learner):
     assert gap.mean() * 5 < control.mean(), "logprobs do not single out the weights that were loaded"
 
 
+def test_canary_on_vllm_matches_the_learners(loop, engine, learner):
+    """The publisher's canary on the vLLM engine (prompt logprobs) against the learner's
+    teacher-forced logprobs of the same ids on the same weights; other weights stand apart."""
+    from stages.publisher.canary import canary_ids, teacher_forced_logprobs
+
+    model, states, buckets = learner
+    version = engine.weight_version + 1
+    run(loop, push(engine, buckets, states[1], version))
+    ids = canary_ids()
+    got = run(loop, engine.teacher_forced_logprobs(ids))
+    load_state(model, states[1])
+    want = teacher_forced_logprobs(model, ids, "cuda")
+    load_state(model, states[2])
+    other = teacher_forced_logprobs(model, ids, "cuda")
+    gap, control = np.abs(got - want), np.abs(got - other)
+    report("vllm_canary_vs_learner", tokens=int(gap.size), mean_gap=float(gap.mean()), max_gap=float(gap.max()),
+           other_weights_mean_gap=float(control.mean()))
+    assert got.shape == want.shape == (len(ids) - 1,) and got.dtype == np.float32
+    assert gap.mean() < 0.1 and gap.mean() * 5 < control.mean()
+
+
 def test_updates_mid_generation_drop_nothing_and_record_versions(loop, engine, learner):
     _, states, buckets = learner
     v0 = engine.weight_version

@@ -53,6 +53,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,6 +286,28 @@ class VllmEngine(Engine):
             if co.finish_reason:
                 c.finish_reason = str(co.finish_reason)
         req.finished = bool(out.finished)
+
+    async def teacher_forced_logprobs(self, token_ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The canary (``Engine.teacher_forced_logprobs``) through vLLM's prompt logprobs: one
+        request of ``token_ids`` with ``prompt_logprobs=0`` (the logprob of each prompt token
+        itself, from the model's raw output, i.e. temperature 1) and one generated token that
+        is thrown away. It runs like any request, between the engine's steps."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size < 2 or int(ids.max()) >= self.vocab or int(ids.min()) < 0:
+            raise ValueError(f"canary of {ids.size} tokens: need >= 2 ids inside the vocabulary of {self.vocab}")
+        await self.start()
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        params = VSP(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        final = None
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=ids.tolist()), params,
+                                           f"canary-{uuid.uuid4().hex}"):
+            final = out
+        plp = final.prompt_logprobs if final is not None else None
+        if not plp or len(plp) != ids.size:
+            raise RuntimeError(f"canary: vLLM returned {0 if not plp else len(plp)} prompt logprobs for {ids.size} ids")
+        return np.asarray([plp[t][int(ids[t])].logprob for t in range(1, ids.size)], dtype=np.float32)
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
