@@ -356,13 +356,14 @@ def bucket_digests(man: WeightManifest, payload: np.ndarray) -> list[str]:
 
 
 def unpack(man: WeightManifest, payload: np.ndarray) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors (views into ``payload``) by name, and the digests computed on ``payload``."""
+    """Tensors (views into ``payload``, all of one storage) by name, and the digests
+    computed on ``payload``."""
     got = verify(man, _bucket_arrays(man, payload))
     out = {}
     with _quiet_readonly():
-        for e in man.entries:
-            raw = torch.from_numpy(payload[e.offset : e.offset + e.nbytes])
-            out[e.name] = raw.view(getattr(torch, e.dtype)).reshape(e.shape)
+        whole = torch.from_numpy(payload.reshape(-1).view(np.uint8))  # one storage: neighbours stay neighbours
+    for e in man.entries:
+        out[e.name] = whole[e.offset : e.offset + e.nbytes].view(getattr(torch, e.dtype)).reshape(e.shape)
     return out, got
 
 

@@ -20,8 +20,12 @@ Invariants and failure behaviour:
   a restarted writer never truncates or rewrites a file that a reader may have mapped. Once
   it completed its first version it removes the older instances' files (readers that
   still map them keep their pages until they let go).
-- Readers keep at most ``READER_MAPS`` mappings (least recently used dropped), so the pages
-  of replaced slot files are freed.
+- Readers keep at most ``READER_MAPS`` mappings (least recently used dropped, never a held
+  one), so the pages of replaced slot files are freed.
+- ``hold`` keeps the shared lock after the read, for an engine whose parameters *are* the
+  slot's payload (zero-copy, ``TorchEngine`` on CPU): the slot is never rewritten while
+  held (a writer goes to a fresh file, as above) until ``release``. A process that dies
+  lets go of its locks with it.
 - Slot files are removed by ``ShmWeightWriter.close()``; ``remove_run_slots`` removes every
   file of a run (the supervisor's end-of-run clean-up).
 """
@@ -159,6 +163,8 @@ class ShmWeightReader:
 
     def __init__(self) -> None:
         self._maps: OrderedDict[str, tuple[int, object, mmap.mmap]] = OrderedDict()
+        self.held: set[str] = set()
+        """Paths share-locked past a read (``hold``)."""
 
     def _map(self, path: str) -> tuple[object, mmap.mmap]:
         ino = os.stat(path).st_ino  # OSError if the file is gone
@@ -175,8 +181,8 @@ class ShmWeightReader:
             f.close()
             raise
         self._maps[path] = (os.fstat(f.fileno()).st_ino, f, mm)
-        while len(self._maps) > READER_MAPS:
-            self._drop(next(iter(self._maps)))
+        for old in [p for p in self._maps if p not in self.held][: max(0, len(self._maps) - READER_MAPS)]:
+            self._drop(old)
         return f, mm
 
     def _drop(self, path: str) -> None:
@@ -202,7 +208,29 @@ class ShmWeightReader:
             if _HDR.unpack_from(mm, 0)[0] != seq0:  # only a writer ignoring the lock gets here
                 raise TornRead(f"{path}: overwritten while reading version {version}")
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            if path not in self.held:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def hold(self, path: str, version: int) -> np.ndarray:
+        """The payload of ``version`` as a read-only uint8 array that stays valid and unchanged
+        until ``release(path)`` (the shared lock is kept). ``TornRead`` as ``view``."""
+        f, mm = self._map(path)
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        seq0, v, nbytes = _HDR.unpack_from(mm, 0)
+        if seq0 % 2 or v != version or HEADER_BYTES + nbytes > len(mm):
+            if path not in self.held:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            raise TornRead(f"{path}: holds version {v} (seq {seq0}, {nbytes} bytes), wanted {version}")
+        self.held.add(path)
+        return np.frombuffer(mm, np.uint8, nbytes, HEADER_BYTES)
+
+    def release(self, path: str) -> None:
+        """Let go of a ``hold`` (a writer may rewrite the slot in place again)."""
+        if path in self.held:
+            self.held.discard(path)
+            have = self._maps.get(path)
+            if have is not None:
+                fcntl.flock(have[1].fileno(), fcntl.LOCK_UN)
 
     def read(self, path: str, version: int) -> np.ndarray:
         """A private copy of the payload of ``version`` (uint8 array)."""
@@ -210,6 +238,7 @@ class ShmWeightReader:
             return payload.copy()
 
     def close(self) -> None:
+        self.held.clear()
         for path in list(self._maps):
             self._drop(path)
 

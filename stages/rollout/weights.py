@@ -2,7 +2,9 @@
 
 ``WeightLoader.apply(offer)`` dispatches on ``offer.transport``:
 - ``shm``: the payload is read in place from the sender's slot (share-locked while loading,
-  see ``stages.publisher.shm``) → ``engine.update_weights_shm``;
+  see ``stages.publisher.shm``) → ``engine.update_weights_shm``; an engine that
+  ``adopts_shm`` the manifest takes the payload as its parameters (no copy) and the slot
+  stays held while they are live (released once the engine moved to another version);
 - ``cuda_ipc``: the offer's plain-field handles (``CudaIpcHandle``) → the sender's CUDA
   buckets, mapped here → ``engine.update_weights_ipc``;
 - ``nccl``: join the offer's broadcast group if it is new to this engine (rank =
@@ -82,6 +84,8 @@ class WeightLoader:
         """The torch-protocol ``BroadcastGroup`` this engine is in (nccl transport)."""
         self.dead_groups: set[str] = set()
         """Group ids that failed here: the sender has abandoned them too."""
+        self.holding: set[str] = set()
+        """shm slots held because the engine's parameters are their payload (``_adopt_shm``)."""
 
     def supersedes(self, offer: WeightsOffer) -> bool:
         """Whether ``offer`` replaces the live weights (the epoch rule of the module docstring)."""
@@ -122,9 +126,12 @@ class WeightLoader:
         try:
             if offer.transport == "shm":
                 try:
-                    with self.reader.view(offer.location, version) as payload:
-                        async with asyncio.timeout(budget):
-                            digests = await self.engine.update_weights_shm(payload, man)
+                    if getattr(self.engine, "adopts_shm", None) and self.engine.adopts_shm(man):
+                        digests = await self._adopt_shm(offer.location, man, budget)
+                    else:
+                        with self.reader.view(offer.location, version) as payload:
+                            async with asyncio.timeout(budget):
+                                digests = await self.engine.update_weights_shm(payload, man)
                 except OSError as e:
                     if isinstance(e, TimeoutError):  # an OSError too
                         raise
@@ -152,6 +159,8 @@ class WeightLoader:
             if isinstance(e, (DigestMismatch, ManifestMismatch)):
                 raise Refused(f"buckets: {e}") from None
             raise Refused(f"buckets: {_why(e, budget)}") from None
+        if not getattr(self.engine, "adopted", False):
+            self._release_held()  # the engine copied this version: no slot needs holding
         try:
             async with asyncio.timeout(deadline):
                 await self.engine.finish_weight_update(version)
@@ -159,6 +168,27 @@ class WeightLoader:
             await self.engine.abort_weight_update()
             raise Refused(f"finish: {_why(e, deadline)}") from None
         return list(digests)
+
+    async def _adopt_shm(self, location: str, man: Any, budget: float) -> list[str]:
+        """Zero-copy shm load: hold the slot, let the engine verify it and make it its
+        parameters, then let go of the slot it used before (the old weights are gone from
+        the model by then). If the engine refuses, nothing changed: the new hold goes."""
+        payload = self.reader.hold(location, man.version)
+        try:
+            async with asyncio.timeout(budget):
+                digests = await self.engine.update_weights_shm(payload, man, adopt=True)
+        except BaseException:
+            if location not in self.holding:
+                self.reader.release(location)
+            raise
+        self._release_held(keep=location)
+        self.holding = {location}
+        return digests
+
+    def _release_held(self, keep: str | None = None) -> None:
+        for path in self.holding - {keep}:
+            self.reader.release(path)
+        self.holding &= {keep}
 
     async def _join(self, offer: WeightsOffer) -> Any:
         g = offer.group

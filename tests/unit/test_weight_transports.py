@@ -230,3 +230,51 @@ def test_ipc_handles_have_one_wire_form_and_the_ipc_sender_waits_for_settling():
     sender._pending = (6, time.monotonic() + 0.3)  # never settled: the budget bounds the wait
     t0 = time.monotonic()
     assert not sender.wait_settled() and 0.25 < time.monotonic() - t0 < 5
+
+
+async def test_shm_adoption_copies_nothing_holds_its_slot_and_a_copying_load_privatizes(shm_sender):
+    """A CPU engine whose dtypes match takes the shm payload as its parameters (fused q/k/v
+    and gate/up as views too) and keeps that slot held: a writer lapping it goes to a fresh
+    file. Loading another version lets go of the old slot; a load that must copy (dtype
+    cast) gives the parameters private storage again."""
+    ids = canary_ids()
+    engine = TorchEngine(build_model("tiny", seed=0), max_batch=4)
+    loader = WeightLoader(engine, "rollout/0")
+    first = shm_sender.stage(weight_params(11), 1)
+    assert (await loader.apply(first)).ok and engine.adopted and loader.holding == {first.location}
+    payload = loader.reader.hold(first.location, 1)
+    base = payload.ctypes.data
+    params = dict(engine.model.named_parameters())
+    assert all(base <= p.data_ptr() < base + payload.nbytes for p in params.values())  # no copy
+    layer = engine.decoder.layers[0]
+    assert layer.qkv_w.data_ptr() == params["model.layers.0.self_attn.q_proj.weight"].data_ptr()
+    assert layer.gate_up_w.data_ptr() == params["model.layers.0.mlp.gate_proj.weight"].data_ptr()
+    want = teacher_forced_logprobs(build_model("tiny", seed=11), ids, "cpu")
+    assert np.array_equal(await engine.teacher_forced_logprobs(ids), want)
+    ref = TorchEngine(build_model("tiny", seed=11), max_batch=4)
+    sp = SamplingParams(max_tokens=12, n=2, seed=3)
+    got, exp = await engine.generate("a", np.array([1, 7]), sp), await ref.generate("a", np.array([1, 7]), sp)
+    assert [c.token_ids for c in got] == [c.token_ids for c in exp]  # fused views decode as the copies do
+
+    shm_sender.stage(weight_params(12), 2)  # the other slot: in place
+    replaced = shm_sender.writer.replaced
+    third = shm_sender.stage(weight_params(13), 3)  # laps version 1's slot, which the engine holds
+    assert shm_sender.writer.replaced == replaced + 1 and third.location != first.location
+    assert np.array_equal(await engine.teacher_forced_logprobs(ids), want)  # untouched
+    assert (await loader.apply(third)).ok and loader.holding == {third.location}
+    assert np.array_equal(await engine.teacher_forced_logprobs(ids),
+                          teacher_forced_logprobs(build_model("tiny", seed=13), ids, "cpu"))
+
+    half = {n: p.to(torch.bfloat16) for n, p in weight_params(14).items()}
+    fourth = shm_sender.stage(half, 4)
+    assert not engine.adopts_shm(fourth.manifest)
+    assert (await loader.apply(fourth)).ok and not engine.adopted and loader.holding == set()
+    params = dict(engine.model.named_parameters())
+    assert all(not base <= p.data_ptr() < base + payload.nbytes for p in params.values())
+    assert all(torch.equal(params[n], p.float()) for n, p in half.items())
+    replaced = shm_sender.writer.replaced
+    shm_sender.stage(weight_params(15), 5)  # nothing held any more: in place
+    assert shm_sender.writer.replaced == replaced
+    await engine.stop()
+    await ref.stop()
+    loader.close()

@@ -12,6 +12,12 @@ original parameters (their ``.data`` become row views of it), so ``named_paramet
 ``state_dict`` and in-place weight loads are unchanged and need no re-fusing. Norms use
 ``F.rms_norm`` (one kernel) instead of the module's five ops.
 
+Adopted weights (``adopt``): the parameters become views into a received payload (a
+shared-memory weight slot) instead of private storage, and each fused group becomes one
+view over its members when they lie back to back in the payload (q, k, v and gate, up do,
+in state-dict order), so a weight update copies nothing. That memory is read-only:
+``privatize`` gives every parameter private storage again before anything writes into it.
+
 Invariants:
 - Logits equal the model's own forward on the same tokens (fp32: to rounding, ~1e-6).
 - Supported: Qwen3 / Qwen3-MoE / Llama-style decoders (pre-norm, rotary, optional q/k
@@ -28,12 +34,33 @@ import torch
 import torch.nn.functional as F
 
 
-def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) whose row blocks become the given layers' parameters."""
+def _rows_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """``parts`` stacked by rows as one view, when they lie back to back in one storage in
+    this order (contiguous, same dtype and trailing shape); else None."""
+    first = parts[0]
+    pos = first.storage_offset()
+    for t in parts:
+        if (t.dtype != first.dtype or t.shape[1:] != first.shape[1:] or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.storage_offset() != pos):
+            return None
+        pos += t.numel()
+    return first.as_strided((sum(t.shape[0] for t in parts), *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+def _fuse(linears: list[torch.nn.Linear], in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) whose row blocks become the given layers' parameters: a copy
+    (``torch.cat``), or with ``in_place`` a view of the members' own memory where they lie
+    back to back (``_rows_view``; a copy where they do not)."""
     with torch.no_grad():
-        weight = torch.cat([m.weight for m in linears])
+        weight = _rows_view([m.weight.data for m in linears]) if in_place else None
+        if weight is None:
+            weight = torch.cat([m.weight for m in linears])
         has_bias = [m.bias is not None for m in linears]
-        bias = torch.cat([m.bias for m in linears]) if all(has_bias) else None
+        bias = None
+        if all(has_bias):
+            bias = _rows_view([m.bias.data for m in linears]) if in_place else None
+            if bias is None:
+                bias = torch.cat([m.bias for m in linears])
         row = 0
         for m in linears:
             n = m.weight.shape[0]
@@ -65,16 +92,25 @@ class _Layer:
         attn = layer.self_attn
         self.ln_in, self.ln_post = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        self.qkv_w, self.qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.qkv_linears = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.qkv_w, self.qkv_b = _fuse(self.qkv_linears)
         self.o_proj = attn.o_proj
         self.split = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
         mlp = layer.mlp
+        self.gate_up_linears: list[torch.nn.Linear] = []
         if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            self.gate_up_w, self.gate_up_b = _fuse([mlp.gate_proj, mlp.up_proj])
+            self.gate_up_linears = [mlp.gate_proj, mlp.up_proj]
+            self.gate_up_w, self.gate_up_b = _fuse(self.gate_up_linears)
             self.down, self.act, self.mlp = mlp.down_proj, mlp.act_fn, None
         else:
             self.mlp = mlp
+
+    def refuse(self, in_place: bool) -> None:
+        """Re-derive the fused weights from the member parameters (see ``_fuse``)."""
+        self.qkv_w, self.qkv_b = _fuse(self.qkv_linears, in_place)
+        if self.gate_up_linears:
+            self.gate_up_w, self.gate_up_b = _fuse(self.gate_up_linears, in_place)
 
     def qkv(self, h, cos, sin):
         b, t, _ = h.shape
@@ -120,6 +156,28 @@ class SlotDecoder:
             probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
             cos, sin = model.model.rotary_emb(probe, torch.arange(max_seq_len, device=self.device)[None])
         self.cos_table, self.sin_table = cos[0], sin[0]
+
+    def adopt(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Make ``tensors`` (name → tensor of the parameter's shape and dtype, on its device)
+        the model's parameters without copying, then fuse in place (module docstring)."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in tensors.items():
+                params[name].data = t
+        for layer in self.layers:
+            layer.refuse(in_place=True)
+
+    def privatize(self) -> None:
+        """Give every parameter private, writable storage again (after ``adopt``)."""
+        fused = {id(m.weight) for layer in self.layers for m in layer.qkv_linears + layer.gate_up_linears}
+        fused |= {id(m.bias) for layer in self.layers for m in layer.qkv_linears + layer.gate_up_linears
+                  if m.bias is not None}
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if id(p) not in fused:
+                    p.data = p.data.clone()
+        for layer in self.layers:
+            layer.refuse(in_place=False)  # torch.cat: fresh storage for every fused member
 
     def _embed(self, ids: torch.Tensor, pos: torch.Tensor):
         return self.model.model.embed_tokens(ids), self.cos_table[pos][:, None], self.sin_table[pos][:, None]

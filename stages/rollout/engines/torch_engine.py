@@ -19,6 +19,11 @@ Invariants:
   inside a step. Weight loads require ``start_weight_update`` (which pauses) first; each
   completion records ``(first_token_index, version)`` whenever the live version changes.
 - ``pause("keep")`` freezes sequences in their slots; ``resume`` continues them bit-exactly.
+- ``update_weights_shm(..., adopt=True)`` (offered when ``adopts_shm``: CPU, the payload in
+  the parameters' own dtypes) copies nothing: after the digests check out, the parameters
+  become views into the payload (``SlotDecoder.adopt``), which the caller keeps held
+  (``ShmWeightReader.hold``) while they are live. Any later copying load first gives the
+  parameters private storage again (``SlotDecoder.privatize``).
 
 Failure behaviour: a bad prompt (empty, longer than the cache, ids outside the vocabulary)
 or ``n > max_batch`` fails that ``generate`` call with ``ValueError``; an exception in a
@@ -102,6 +107,8 @@ class TorchEngine(Engine):
         self._idle = asyncio.Event()
         self._idle.set()
         self._step_lock = asyncio.Lock()
+        self.adopted = False
+        """The parameters are views into an adopted shm payload (read-only memory)."""
         self._loop_task: asyncio.Task | None = None
         self.decoded_tokens = 0
         """Tokens sampled since construction (for throughput reports)."""
@@ -191,6 +198,9 @@ class TorchEngine(Engine):
         check_compatible(manifest, self._params())
 
     def _load(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.adopted:  # never write into the read-only payload the parameters view
+            self.decoder.privatize()
+            self.adopted = False
         # copy_ moves across devices and casts dtype one tensor at a time (no second model copy).
         load_into(self.model, tensors)
         if self.device.type == "cuda":
@@ -212,10 +222,29 @@ class TorchEngine(Engine):
         await self.pause("keep")
         self._updating = version
 
-    async def update_weights_shm(self, buffer: memoryview | np.ndarray, manifest: WeightManifest) -> list[str]:
+    def adopts_shm(self, manifest: WeightManifest) -> bool:
+        """Whether ``update_weights_shm(..., adopt=True)`` can take ``manifest``'s payload as
+        the parameters themselves: a CPU engine, every tensor in its parameter's dtype."""
+        if self.device.type != "cpu":
+            return False
+        params = self._params()
+        return all(e.name in params and str(params[e.name].dtype) == f"torch.{e.dtype}" for e in manifest.entries)
+
+    async def update_weights_shm(self, buffer: memoryview | np.ndarray, manifest: WeightManifest,
+                                 adopt: bool = False) -> list[str]:
+        """Verify, then copy the payload in; or with ``adopt`` (see ``adopts_shm``) make the
+        parameters views of it: ``buffer`` must then stay valid and unchanged while this
+        version is live (the caller holds the slot)."""
         self._check_updating(manifest)
         tensors, digests = transfer.receive_shm(buffer, manifest)
-        self._load(tensors)
+        if adopt:
+            if not self.adopts_shm(manifest):
+                raise ValueError(f"version {manifest.version}: this engine cannot adopt the payload "
+                                 f"(device {self.device}, dtypes of the manifest differ from its parameters')")
+            self.decoder.adopt(tensors)
+            self.adopted = True
+        else:
+            self._load(tensors)
         return digests
 
     async def update_weights_ipc(self, handles: Sequence[Any], manifest: WeightManifest) -> list[str]:
