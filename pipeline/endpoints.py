@@ -13,13 +13,18 @@ Names (every stage finds its sockets by these):
   by learner rank 0, tcp).
 
 Invariants: addresses given in the stack's ``[addresses]`` win; the rest are free ports on
-``run.bind_host`` at assignment time. A restarted stack reuses ``endpoints.json`` only if
+``run.bind_host`` at assignment time, picked *below* the kernel's ephemeral range
+(``free_port``). The stages bind them seconds later; a port from the ephemeral range could be
+taken meanwhile as the local port of any outgoing connection (the stages open dozens), and
+the stage that binds it would fail with EADDRINUSE, again on every restart. Below that range
+only an explicit bind by another program can take it. A restarted stack reuses ``endpoints.json`` only if
 asked (``pipeline up`` on an existing run dir reassigns, since old ports may be taken).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import socket
 from pathlib import Path
 
@@ -40,10 +45,43 @@ def names() -> list[str]:
     return out + ["telemetry", "supervisor", "learner.dist", "publish", "weights.dist"]
 
 
-def _free_port(host: str) -> int:
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+PORT_SPAN = 12000
+"""Ports are drawn from the ``PORT_SPAN`` ports just below the ephemeral range (Linux default
+32768: 20768-32767), clear of the well-known ports below 1024."""
+PORT_TRIES = 200
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path(EPHEMERAL_RANGE_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
+    """A TCP port on ``host`` that is free now and lies outside the ephemeral range (see the
+    module docstring); ``taken``: ports already handed out (not bound yet) to avoid. Falls
+    back to a kernel-chosen port when no candidate binds."""
+    low = _ephemeral_low()
+    lo, hi = max(1024, low - PORT_SPAN), low - 1
+    taken = taken if taken is not None else set()
+    for _ in range(PORT_TRIES if hi > lo else 0):
+        port = random.randint(lo, hi)
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        taken.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    taken.add(port)
+    return port
 
 
 def assign(stack: Stack) -> dict[str, str]:
@@ -51,7 +89,8 @@ def assign(stack: Stack) -> dict[str, str]:
     unknown = set(stack.addresses) - set(names())
     if unknown:
         raise ValueError(f"addresses: unknown socket name(s) {sorted(unknown)}; known: {names()}")
-    return {n: stack.addresses.get(n) or f"tcp://{host}:{_free_port(host)}" for n in names()}
+    taken: set[int] = set()
+    return {n: stack.addresses.get(n) or f"tcp://{host}:{free_port(host, taken)}" for n in names()}
 
 
 def save(run_dir: Path, endpoints: dict[str, str]) -> Path:

@@ -70,11 +70,10 @@ class FakeClock:
 
 
 def free_port() -> int:
-    import socket
+    """A free port below the ephemeral range (``pipeline.endpoints.free_port``)."""
+    from pipeline.endpoints import free_port as pick
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return pick("127.0.0.1")
 
 
 def _world_entry(rank, world, port, fn, args, q):

@@ -47,11 +47,9 @@ TIMEOUT_S = 300.0
 
 
 def free_port() -> int:
-    import socket
+    from pipeline.endpoints import free_port as pick
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return pick("127.0.0.1")
 
 
 # ----------------------------------------------------------------------------- engine process

@@ -57,11 +57,9 @@ class WeightSender(Protocol):
 
 
 def _free_port(host: str) -> int:
-    import socket
+    from pipeline.endpoints import free_port  # below the ephemeral range: see its docstring
 
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_port(host)
 
 
 # ----------------------------------------------------------------------------- shm

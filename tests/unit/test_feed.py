@@ -1,18 +1,14 @@
 """Learner batch feed: every rank gets rank 0's batch, bit-exact; stop reaches everyone."""
 
-import socket
-
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stages.learner.feed import StepBatch, broadcast_batch
-from stages.testing import make_train_group, messages_equal
+from stages.testing import free_port, make_train_group, messages_equal
 
 
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _worker(rank, world, port, q):
