@@ -116,7 +116,7 @@ class Learner:
                                    activation_checkpointing=cfg.activation_checkpointing)
         self.moe = is_moe(self.model.config)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=tuple(cfg.betas), eps=cfg.eps)
+                                           betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
         self.version = 0
