@@ -81,11 +81,17 @@ def lr_lambda(cfg: LearnerConfig):
     return factor
 
 
+def sample_lags(group: TrainGroup, version: int) -> list[int]:
+    """Per sample: learner ``version`` minus the oldest weight version among its tokens (the
+    group's ``issued_version`` for a sample without version spans)."""
+    issued = group.scored.rollout.group.issued_version
+    return [version - (int(s.version_spans[:, 1].min()) if len(s.version_spans) else issued)
+            for s in group.scored.rollout.samples]
+
+
 def sample_lag(group: TrainGroup, version: int) -> int:
-    """Learner version minus the oldest weight version among the group's tokens."""
-    oldest = min((int(s.version_spans[:, 1].min()) for s in group.scored.rollout.samples if len(s.version_spans)),
-                 default=group.scored.rollout.group.issued_version)
-    return version - oldest
+    """The group's lag: its oldest sample's (what the staleness filter judges)."""
+    return max(sample_lags(group, version), default=version - group.scored.rollout.group.issued_version)
 
 
 class Learner:
@@ -236,7 +242,7 @@ class Learner:
         ids = [g.scored.rollout.group.group_id for g in groups]
         rewards = np.concatenate([g.scored.rewards for g in groups]) if groups else np.zeros(0)
         trained_at = self.version - (0 if skipped else 1)
-        lags = [sample_lag(g, trained_at) for g in groups]
+        lags = [lag for g in groups for lag in sample_lags(g, trained_at)]
         zero_adv = np.concatenate([grpo_advantages(g.scored.rewards) == 0 for g in groups]) if groups else []
         metrics = {
             "loss": total["loss"], "aux_loss": total["aux_loss"], "grad_norm": norm, "skipped": float(skipped),
@@ -249,6 +255,8 @@ class Learner:
             "is_clipped_frac": total["clipped_tokens"] / tokens, "kl_mean": total["kl_sum"] / tokens,
             "zero_adv_frac": float(np.mean(zero_adv)) if len(zero_adv) else 0.0,
             "staleness_mean": float(np.mean(lags)) if lags else 0.0, "staleness_max": float(max(lags, default=0)),
+            # the distribution: share of the step's samples at each lag 0..max_staleness
+            **{f"staleness_frac_{k}": (lags.count(k) / len(lags) if lags else 0.0) for k in range(self.max_staleness + 1)},
             "lr": self.scheduler.get_last_lr()[0], "weight_version": float(self.version),
         }
         self.consumed.update(ids)

@@ -315,3 +315,18 @@ def test_device_gather_equals_the_host_state_dict_and_shares_no_storage(one_rank
     for name, t in fp32.items():
         local = params[name].to_local() if hasattr(params[name], "to_local") else params[name]
         assert t.untyped_storage().data_ptr() != local.untyped_storage().data_ptr(), name
+
+
+def test_staleness_is_reported_per_sample_as_a_distribution(one_rank, tmp_path):
+    """Lag of a sample = learner version at train time − the oldest version among its tokens."""
+    learner = Learner(CFG, run_dir=tmp_path, max_staleness=2)
+    learner.version = 3
+    g = make_train_group("mixed", n_samples=4, version=3)
+    spans = [[[0, 3]], [[0, 2], [4, 3]], [[0, 1], [2, 2], [5, 3]], [[0, 3]]]
+    for s, sp in zip(g.scored.rollout.samples, spans):
+        s.version_spans = np.array(sp, np.int32)
+    keep, dropped = learner.admit([g])
+    assert len(keep) == 1 and not dropped  # the group's lag is its oldest sample's: 2
+    m = learner.train_step(keep).metrics
+    assert (m["staleness_frac_0"], m["staleness_frac_1"], m["staleness_frac_2"]) == (0.5, 0.25, 0.25)
+    assert m["staleness_mean"] == 0.75 and m["staleness_max"] == 2.0
