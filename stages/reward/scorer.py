@@ -48,7 +48,7 @@ import numpy as np
 import structlog
 
 from schemas.messages import Rollout, ScoredGroup
-from stages.reward.worker import check_reward_value, describe_exception, serve
+from stages.reward.worker import check_reward_value, describe_exception
 from stages.tasks import RewardFn, TaskSpecError, resolve_reward_fn
 
 WORKER_START_TIMEOUT_S = 60.0
