@@ -7,7 +7,11 @@ only ``run.max_staleness`` differs. With 0 the source issues one step's worth of
 and waits for the learner (generation waits for training: synchronous RL); with 2 it keeps
 up to three steps' worth in flight. Each run is a real ``pipeline up`` (all processes).
 
-Also printed per run: seconds from launch until the 10-step mean reward first reaches 0.8.
+Also printed per run: seconds from launch until the 10-step mean reward first reaches 0.8,
+and how many cores the stack kept busy between its first and last step (CPU time of every
+process of the stack, from ``/proc``, over that window; Linux only). On a machine of ``C``
+cores no schedule beats sync by more than ``C / (sync's cores busy)`` at equal CPU per
+sample, which bounds the speedup this bench can show there.
 samples/s = completions trained between the first and the last step / wall time between
 them (start-up excluded); final reward = mean reward of the last 10% of steps. Last line:
 
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
+import threading
 import sys
 import tempfile
 import time
@@ -43,10 +49,76 @@ def write_stack(base: dict, staleness: int, run_dir: Path) -> Path:
     return path
 
 
+CPU_POLL_S = 0.2
+"""How often the CPU of the stack's processes is read while it runs."""
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime + stime of ``root`` and every process below it, from ``/proc`` (0 where absent)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(d)] = int(fields[1])
+        cpu[int(d)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [root]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
+class StepCpu(threading.Thread):
+    """Reads the stack's CPU time whenever ``metrics.jsonl`` gains a step: (time, cpu) at
+    the first and the latest step. Processes that exited take their CPU with them, so the
+    window must end before the stack stops (the last step, not the drain)."""
+
+    def __init__(self, root: int, metrics: Path) -> None:
+        super().__init__(daemon=True)
+        self.root, self.metrics = root, metrics
+        self.first: tuple[float, float] | None = None
+        self.last: tuple[float, float] | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        seen = 0
+        while not self.done.is_set():
+            try:
+                n = self.metrics.read_bytes().count(b"\n")
+            except OSError:
+                n = 0
+            if n > seen:
+                seen = n
+                sample = (time.time(), tree_cpu_seconds(self.root))
+                self.first = self.first or sample
+                self.last = sample
+            self.done.wait(CPU_POLL_S)
+
+    def cores_busy(self) -> float | None:
+        if not self.first or not self.last or self.last[0] <= self.first[0]:
+            return None
+        return (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+
+
 def run(stack: Path, run_dir: Path, steps: int) -> dict:
     cmd = [sys.executable, "-m", "pipeline.cli", "up", str(stack), "--max-steps", str(steps), "--run-dir", str(run_dir)]
     started = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    watch = StepCpu(proc.pid, run_dir / "metrics.jsonl")
+    if Path("/proc/self/stat").exists():
+        watch.start()
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    watch.done.set()
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][:steps]
     rolling = [sum(r["reward_mean"] for r in rows[max(0, i - 9): i + 1]) / min(10, i + 1) for i in range(len(rows))]
     reached = next((rows[i]["time"] - started for i, v in enumerate(rolling) if v >= TARGET_REWARD and i >= 9), None)
@@ -54,7 +126,7 @@ def run(stack: Path, run_dir: Path, steps: int) -> dict:
     trained = sum(r["samples"] for r in rows[1:])
     tail = rows[-max(1, len(rows) // 10):]
     return {"samples_per_s": trained / elapsed, "final_reward": sum(r["reward_mean"] for r in tail) / len(tail),
-            "steps": len(rows), "seconds": elapsed, "time_to_target_s": reached}
+            "steps": len(rows), "seconds": elapsed, "time_to_target_s": reached, "cores_busy": watch.cores_busy()}
 
 
 def main() -> None:
@@ -73,7 +145,10 @@ def main() -> None:
             ttt = f"{r['time_to_target_s']:.0f}s" if r["time_to_target_s"] is not None else "not reached"
             print(f"max_staleness={staleness}: {r['steps']} steps in {r['seconds']:.1f}s, "
                   f"{r['samples_per_s']:.1f} samples/s, final reward {r['final_reward']:.3f}, "
-                  f"reward (10-step mean) >= {TARGET_REWARD} after {ttt} from launch", flush=True)
+                  f"reward (10-step mean) >= {TARGET_REWARD} after {ttt} from launch; "
+                  f"cores busy between the first and last step: "
+                  f"{'n/a' if r['cores_busy'] is None else format(r['cores_busy'], '.2f')} of {os.cpu_count()}",
+                  flush=True)
     s, a = out[0], out[2]
     print(f"bench async: sync_samples_per_s={s['samples_per_s']:.1f} async_samples_per_s={a['samples_per_s']:.1f} "
           f"speedup={a['samples_per_s'] / s['samples_per_s']:.2f} sync_final_reward={s['final_reward']:.3f} "
