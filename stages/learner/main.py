@@ -3,11 +3,14 @@
 Rank 0 pulls ``TrainGroup``/``GroupFailed`` from the ``train`` stream until it has
 ``groups_per_step`` trainable groups (``Learner.admit`` drops duplicates, stale and failed
 ones with a reason), broadcasts the batch to all ranks (``feed.broadcast_batch``), and
-after the step: stages the new weights (``stages.publisher.outlet``: full parameters and the
-canary forward on every rank, then rank 0's sender for ``rollout.weight_transport`` →
-``WeightsOffer`` to the publisher), publishes ``Progress`` (consumed and dropped ids) and
-sends step ``Metrics`` to the supervisor. Blocking torch work runs in a thread so
-heartbeats keep flowing.
+after the step: publishes ``Progress`` (consumed and dropped ids), sends step ``Metrics``
+to the supervisor, and stages the new weights (``stages.publisher.outlet``: full
+parameters and the canary forward on every rank, then rank 0's sender for
+``rollout.weight_transport`` → ``WeightsOffer`` to the publisher) while rank 0 already
+collects the next batch. Every rank waits for that publish before the next collective (the
+batch broadcast or a checkpoint), so collectives keep one order on all ranks and the
+publish has read the parameters before the next step changes them. Blocking torch work
+runs in a thread so heartbeats keep flowing.
 
 Drain (SIGTERM or ``Control(DRAIN)``): rank 0 finishes the step in progress, broadcasts a
 stop, every rank checkpoints (collective) and exits. Start: the newest complete checkpoint
@@ -93,44 +96,75 @@ async def run(ctx: StageContext) -> None:
         return StepBatch(keep)
 
     try:
+        publishing: asyncio.Future | None = None
+        """The last step's weight publish, running while rank 0 waits for the next batch."""
+        publish_s = 0.0
+
+        async def publish_timed() -> float:
+            t0 = time.perf_counter()
+            await stage_weights()
+            return time.perf_counter() - t0
+
+        async def settle_publish() -> None:
+            """Every rank, before the next collective (batch broadcast, checkpoint): the
+            publish's own collectives then come in the same order everywhere, and it read
+            the parameters before the next step changes them."""
+            nonlocal publishing, publish_s
+            if publishing is not None:
+                publish_s = await publishing
+                publishing = None
+                ctx.weight_version = learner.version
+
         while True:
             t_wait = time.perf_counter()
-            batch = await collect() if rank == 0 else None
+            if rank == 0:
+                # Waiting for data overlaps the previous step's publish (async: the learner is
+                # the bottleneck stage, and the wait was ~20 % of its step; sync: nothing comes
+                # before those weights are live anyway).
+                collecting = asyncio.ensure_future(collect())
+                try:
+                    await settle_publish()
+                    batch = await collecting
+                except BaseException:
+                    collecting.cancel()
+                    raise
+            else:
+                await settle_publish()
+                batch = None
             batch = await asyncio.to_thread(broadcast_batch, batch)
             t_train = time.perf_counter()
             if batch.stop:
                 break
             ctx.in_flight = len(batch.groups)
             result = await asyncio.to_thread(learner.train_step, batch.groups)
-            t_publish = time.perf_counter()
-            if result.step % s.publisher.every_steps == 0 and not result.skipped:
-                await stage_weights()
-            t_done = time.perf_counter()
-            ctx.weight_version = learner.version
+            t_trained = time.perf_counter()
             ctx.processed += len(batch.groups)
             ctx.in_flight = 0
             if rank == 0:
-                now = time.perf_counter()
                 n_samples = sum(len(g.scored.rollout.samples) for g in batch.groups)
                 metrics = dict(result.metrics, samples=float(n_samples),
-                               samples_per_s=n_samples / max(now - last_step_at, 1e-9),
+                               samples_per_s=n_samples / max(t_trained - last_step_at, 1e-9),
                                dropped_stale=float(learner.dropped_counts["stale"]),
                                dropped_duplicate=float(learner.dropped_counts["duplicate"]),
                                dropped_failed=float(learner.dropped_counts["failed"]),
                                dropped_invalid=float(learner.dropped_counts["invalid"]),
-                               # where the step's wall time went: waiting for data (the
-                               # pipeline starving the learner), training, staging weights
-                               wait_s=t_train - t_wait, train_s=t_publish - t_train,
-                               publish_s=t_done - t_publish)
-                last_step_at = now
+                               # where the step's wall time went: waiting for data (the pipeline
+                               # starving the learner; it overlaps the previous publish),
+                               # training, and the previous step's weight publish
+                               wait_s=t_train - t_wait, train_s=t_trained - t_train, publish_s=publish_s)
+                last_step_at = t_trained
                 await progress.send(report(result.step, result.version, result.consumed_ids))
                 await ctx.metrics(result.step, metrics)
                 ctx.log.info("step", step=result.step, version=result.version, skipped=result.skipped,
                              reward_mean=round(metrics["reward_mean"], 4), loss=round(metrics["loss"], 5))
+            if result.step % s.publisher.every_steps == 0 and not result.skipped:
+                publishing = asyncio.ensure_future(publish_timed())
             if s.learner.checkpoint_every and result.step % s.learner.checkpoint_every == 0:
+                await settle_publish()
                 await asyncio.to_thread(learner.save_checkpoint)  # collective
                 if rank == 0:  # the source may now forget groups this checkpoint covers
                     await progress.send(report(learner.step, learner.version))
+        await settle_publish()
         await asyncio.to_thread(learner.save_checkpoint)
         if rank == 0:
             await progress.send(report(learner.step, learner.version))
