@@ -84,14 +84,23 @@ async def test_kill_rollout_reward_logprob_learner_then_every_group_has_one_term
         assert len(reasons) <= 1, f"{gid} dropped twice: {reasons}"
 
 
-async def test_sigterm_then_up_resumes_at_the_same_step_and_version(tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+async def test_sigterm_then_up_resumes_at_the_same_step_and_version(tmp_path, ranks):
+    """Two learner ranks too: the real stage loop (batch broadcast, publish overlapping the
+    next collect, collective checkpoints) runs, drains and resumes on both."""
     run_dir = tmp_path / "run"
-    first = Supervisor(small_stack(run_dir), run_dir, max_steps=6, shutdown_timeout=20.0)
+
+    def stack():
+        st = small_stack(run_dir)
+        st.learner.world_size = ranks
+        return st
+
+    first = Supervisor(stack(), run_dir, max_steps=6, shutdown_timeout=20.0)
     assert await first.run() == 0
     ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
     assert ckpts and (ckpts[-1] / "COMPLETE").exists()
     saved = json.loads((ckpts[-1] / "trainer.json").read_text())
-    second = Supervisor(small_stack(run_dir), run_dir, max_steps=saved["step"] + 2, shutdown_timeout=20.0)
+    second = Supervisor(stack(), run_dir, max_steps=saved["step"] + 2, shutdown_timeout=20.0)
     assert await second.run() == 0
     log = [json.loads(x) for x in (run_dir / "logs" / "learner-0.jsonl").read_text().splitlines()]
     ready = [r for r in log if r.get("event") == "learner ready"]
