@@ -64,6 +64,11 @@ the encode itself. Reused buffers fault once. A buffer stays referenced while it
 zmq (HWM 64 messages plus what the IO thread and pyzmq's gc thread still hold: up to ~140
 Rollouts of 257 KiB measured, ~36 MiB), so 64 MiB covers a full queue of such messages; past
 it, buffers are allocated per message as before (correct, just slower)."""
+SMALL_CACHE_MAX_BYTES = 64
+"""Inline arrays up to this size are decoded once per distinct value and shared (they are
+read-only): version spans such as ``[[0, v]]`` repeat in every sample of every Rollout."""
+SMALL_CACHE_ENTRIES = 4096
+"""Distinct small arrays a codec keeps; the cache is emptied when it is full."""
 POOL_REUSE_MAX_BYTES = 8 << 20
 """Pool frames larger than this are not kept for reuse (a handful of them would fill the
 retained budget); their page faults are small next to the copy of that many bytes."""
@@ -96,6 +101,7 @@ class Codec:
         self._pool_bytes = 0  # retained in both
         self._in_pool: Any = b""
         self._in_views: dict[np.dtype, np.ndarray] = {}
+        self._small: dict[tuple[str, tuple, bytes], np.ndarray] = {}
         self._in_frames: Sequence[Any] = ()
         self._env_enc = msgspec.msgpack.Encoder()
         self._body_enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
@@ -190,6 +196,21 @@ class Codec:
         if typ is not _NDARRAY:
             raise TypeError(f"no decoder for {typ!r}")
         dtype, shape, ref = obj
+        if type(ref) is bytes and len(ref) <= SMALL_CACHE_MAX_BYTES:
+            key = (dtype, tuple(shape) if type(shape) is list else shape, ref)
+            try:
+                return self._small[key]
+            except (KeyError, TypeError):  # TypeError: an unhashable (malformed) shape
+                pass
+            arr = self._array(dtype, shape, ref)
+            small = self._small
+            if len(small) >= SMALL_CACHE_ENTRIES:
+                small.clear()
+            try:
+                small[key] = arr
+            except TypeError:
+                pass
+            return arr
         if type(ref) is list:
             pv = self._in_views.get(dtype)
             if pv is None:

@@ -249,3 +249,25 @@ def test_unaligned_pool_offsets_still_decode():
     pool = bytes(3) + np.arange(4, dtype=np.int32).tobytes()
     _, back = Codec("r").decode([_env(), _body(["<i4", [2, 2], [3]]), pool])
     assert back.prompt_ids.tolist() == [[0, 1], [2, 3]] and not back.prompt_ids.flags.writeable
+
+
+def test_small_inline_arrays_are_decoded_once_and_shared_read_only():
+    """Version spans repeat in every sample: equal small arrays decode to one read-only array
+    (per dtype, shape and bytes); a different value, dtype or shape does not share it."""
+    import transport.codec as codec
+
+    ro = make_rollout("g", n_samples=4)  # every sample's version_spans is [[0, 0]]
+    ro.samples[3].version_spans = np.array([[0, 1]], np.int32)
+    dec = Codec("b")
+    back = dec.decode(Codec("a").encode(ro))[1]
+    again = dec.decode(Codec("a").encode(ro))[1]
+    spans = [s.version_spans for s in back.samples]
+    assert spans[0] is spans[1] is spans[2] is again.samples[0].version_spans
+    assert spans[3] is not spans[0] and spans[3].tolist() == [[0, 1]]
+    assert not spans[0].flags.writeable and messages_equal(ro, back)
+    flat = m.Rollout(ro.group, [m.Sample(s.token_ids, s.logprobs, np.array([0, 0], np.int32), s.finish_reason)
+                                for s in ro.samples], "rollout/0")
+    assert dec.decode(Codec("a").encode(flat))[1].samples[0].version_spans.shape == (2,)  # shape is in the key
+    for i in range(codec.SMALL_CACHE_ENTRIES + 5):  # bounded: emptied when full
+        dec.decode(Codec("a").encode(m.PromptGroup(f"p{i}", np.array([i], np.int64), "", "t", 1, 0)))
+    assert len(dec._small) <= codec.SMALL_CACHE_ENTRIES
