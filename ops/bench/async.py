@@ -24,9 +24,9 @@ import argparse
 import json
 import os
 import subprocess
-import threading
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from pathlib import Path

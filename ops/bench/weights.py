@@ -41,15 +41,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.endpoints import free_port  # noqa: E402
+
 QUICK_REPS, FULL_REPS = 3, 7
 TIMEOUT_S = 300.0
 """Per version; building and loading 1.2 GB on a shared 2-core machine can take a while."""
-
-
-def free_port() -> int:
-    from pipeline.endpoints import free_port as pick
-
-    return pick("127.0.0.1")
 
 
 # ----------------------------------------------------------------------------- engine process

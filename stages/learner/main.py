@@ -113,7 +113,6 @@ async def run(ctx: StageContext) -> None:
             if publishing is not None:
                 publish_s = await publishing
                 publishing = None
-                ctx.weight_version = learner.version
 
         while True:
             t_wait = time.perf_counter()
@@ -138,6 +137,7 @@ async def run(ctx: StageContext) -> None:
             ctx.in_flight = len(batch.groups)
             result = await asyncio.to_thread(learner.train_step, batch.groups)
             t_trained = time.perf_counter()
+            ctx.weight_version = learner.version
             ctx.processed += len(batch.groups)
             ctx.in_flight = 0
             if rank == 0:
@@ -164,8 +164,7 @@ async def run(ctx: StageContext) -> None:
                 await asyncio.to_thread(learner.save_checkpoint)  # collective
                 if rank == 0:  # the source may now forget groups this checkpoint covers
                     await progress.send(report(learner.step, learner.version))
-        await settle_publish()
-        await asyncio.to_thread(learner.save_checkpoint)
+        await asyncio.to_thread(learner.save_checkpoint)  # the loop left after settle_publish
         if rank == 0:
             await progress.send(report(learner.step, learner.version))
         ctx.log.info("learner drained", step=learner.step, version=learner.version)

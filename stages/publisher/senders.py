@@ -38,6 +38,7 @@ import msgspec
 import numpy as np
 import torch
 
+from pipeline.endpoints import free_port
 from schemas.messages import CudaIpcHandle, WeightGroup, WeightManifest, WeightsOffer
 from stages.publisher.core import update_budget_s
 from stages.publisher.manifest import DEFAULT_BUCKET_BYTES, pack_into, plan, same_layout
@@ -54,12 +55,6 @@ class WeightSender(Protocol):
     def settled(self, version: int) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _free_port(host: str) -> int:
-    from pipeline.endpoints import free_port  # below the ephemeral range: see its docstring
-
-    return free_port(host)
 
 
 # ----------------------------------------------------------------------------- shm
@@ -254,7 +249,7 @@ class NcclSender:
         self.wait()
         man = self._fill(state, version)
         if self.group is None and self.protocol == "vllm":
-            self._group_port = _free_port(self.address)  # vLLM's store lives and dies with its communicator
+            self._group_port = free_port(self.address)  # vLLM's store lives and dies with its communicator
         group = WeightGroup(self.address, self._group_port, self.group_id, self.members, self.backend, self.protocol)
         self._next = (man, group)
         return WeightsOffer(man, self.transport, f"tcp://{self.address}:{self._group_port}", self.deadline_s,
