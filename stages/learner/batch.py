@@ -49,14 +49,20 @@ class SeqItem:
 @dataclass
 class MicroBatch:
     input_ids: torch.Tensor
+    """Padded sequences, [B, L]."""
     attention_mask: torch.Tensor
+    index: torch.Tensor
+    """Flat positions (into the [B × L] grid) whose next token carries loss, [N]: the head
+    is evaluated only there (``stages.learner.head``)."""
     targets: torch.Tensor
-    """Token predicted at each position (shifted input ids), [B, L-1]."""
+    """The token predicted at each ``index`` position, [N]."""
     behaviour: torch.Tensor
+    """Engine logprob of each target, [N]."""
     ref: torch.Tensor | None
     adv: torch.Tensor
     weight: torch.Tensor
-    """Per-target loss weight (0 on prompt and padding), [B, L-1]."""
+    """Per-target loss weight, [N] (> 0, except the single weight-0 target of an idle rank's
+    empty micro-batch)."""
 
 
 def group_problem(g: TrainGroup) -> str | None:
@@ -116,29 +122,31 @@ def pack(items: list[SeqItem], budget: int) -> list[list[SeqItem]]:
 
 
 def collate(items: list[SeqItem], device: torch.device) -> MicroBatch:
+    """Pad ``items`` into one [B, L] batch and list its loss positions flat, all on the host
+    (numpy), then move each tensor once: the training loop needs no device→host sync."""
     if not items:  # the empty micro-batch of an idle rank
         items = [SeqItem(np.array([PAD_ID, PAD_ID]), 1, np.zeros(1, np.float32), None, 0.0, 0.0)]
     width = max(len(it.tokens) for it in items)
     b = len(items)
-    ids = torch.full((b, width), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    behaviour = torch.zeros((b, width - 1))
-    ref = torch.zeros((b, width - 1)) if any(it.ref is not None for it in items) else None
-    adv = torch.zeros((b, width - 1))
-    weight = torch.zeros((b, width - 1))
+    ids = np.full((b, width), PAD_ID, dtype=np.int64)
+    mask = np.zeros((b, width), dtype=np.int64)
+    index, targets, behaviour, ref, adv, weight = [], [], [], [], [], []
+    with_ref = any(it.ref is not None for it in items)
     for r, it in enumerate(items):
         n, p, t = len(it.tokens), it.prompt_len, len(it.behaviour)
-        ids[r, :n] = torch.from_numpy(it.tokens)
+        ids[r, :n] = it.tokens
         mask[r, :n] = 1
-        span = slice(p - 1, p - 1 + t)  # logits at p-1.. predict completion tokens
-        behaviour[r, span] = torch.from_numpy(it.behaviour)
-        if ref is not None and it.ref is not None:
-            ref[r, span] = torch.from_numpy(np.asarray(it.ref, np.float32))
-        adv[r, span] = it.advantage
-        weight[r, span] = it.weight
-    to = lambda x: None if x is None else x.to(device)  # noqa: E731
-    return MicroBatch(ids.to(device), mask.to(device), ids[:, 1:].to(device), to(behaviour), to(ref),
-                      to(adv), to(weight))
+        index.append(r * width + np.arange(p - 1, p - 1 + t))  # position p-1 predicts completion token 0
+        targets.append(it.tokens[p:p + t])
+        behaviour.append(it.behaviour)
+        ref.append(np.asarray(it.ref, np.float32) if it.ref is not None else np.zeros(t, np.float32))
+        adv.append(np.full(t, it.advantage, np.float32))
+        weight.append(np.full(t, it.weight, np.float32))
+    to = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
+    cat = np.concatenate
+    return MicroBatch(to(ids), to(mask), to(cat(index)), to(cat(targets).astype(np.int64)),
+                      to(cat(behaviour).astype(np.float32)), to(cat(ref)) if with_ref else None,
+                      to(cat(adv)), to(cat(weight)))
 
 
 def rank_micro_batches(groups: list[TrainGroup], *, aggregation: str, budget: int, rank: int, world: int,

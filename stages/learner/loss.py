@@ -72,14 +72,17 @@ def policy_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor, adv: torch.Ten
         raise ValueError(f"unknown loss {kind!r} (expected 'grpo' or 'ppo')")
     gap = log_ratio.abs()
     live_f = live.float()
-    empty = not bool(live.any())
+    # Masked reductions without boolean indexing: no device->host sync per micro-batch.
+    # Empty is a shape fact; gap and is_weight are >= 0, so 0 is a neutral default for max.
+    empty = logp.numel() == 0
     metrics = {
         "tokens": live_f.sum(),
         "logprob_gap_abs_sum": (gap * live_f).sum(),
-        "logprob_gap_abs_max": torch.zeros(()) if empty else gap[live].max(),
+        "logprob_gap_abs_max": torch.zeros(()) if empty else torch.where(live, gap, 0.0).max(),
         "is_weight_sum": (is_weight * live_f).sum(),
-        "is_weight_max": torch.zeros(()) if empty else is_weight[live].max(),
-        "is_weight_min": torch.full((), float("inf")) if empty else is_weight[live].min(),
+        "is_weight_max": torch.zeros(()) if empty else torch.where(live, is_weight, 0.0).max(),
+        "is_weight_min": torch.full((), float("inf")) if empty
+        else torch.where(live, is_weight, float("inf")).min(),
         "is_truncated_tokens": (is_truncated.float() * live_f).sum(),
         "clipped_tokens": (clipped.float() * live_f).sum(),
     }

@@ -43,6 +43,7 @@ from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainGroup
 from schemas.stack import LearnerSection
 from stages.learner import checkpoint as ckpt
 from stages.learner.batch import group_problem, rank_micro_batches
+from stages.learner.head import logprob_head
 from stages.learner.config import LearnerConfig
 from stages.learner.fsdp import build_sharded, full_parameters
 from stages.learner.loss import MAX_METRICS, MIN_METRICS, SUM_METRICS, grpo_advantages, policy_loss
@@ -193,13 +194,11 @@ class Learner:
             # use_cache=False: a KV cache growing during the forward would make activation
             # checkpointing's recompute see different shapes.
             extra = {"output_router_logits": True} if self.moe else {}
-            out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, **extra)
-            logp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, mb.targets[..., None])[..., 0]
-            live = mb.weight > 0
-            loss, met = policy_loss(logp[live], mb.behaviour[live], mb.adv[live], mb.weight[live], kind=cfg.loss,
+            with logprob_head(self.model.lm_head, mb.index, mb.targets):
+                out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, **extra)
+            loss, met = policy_loss(out.logits, mb.behaviour, mb.adv, mb.weight, kind=cfg.loss,
                                     clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-                                    tis_cap=cfg.tis_cap, ref_logp=mb.ref[live] if mb.ref is not None else None,
-                                    kl_coef=cfg.kl_coef)
+                                    tis_cap=cfg.tis_cap, ref_logp=mb.ref, kl_coef=cfg.kl_coef)
             if self.moe and getattr(out, "aux_loss", None) is not None:
                 # Router load balancing only exists for MoE; averaged over the step's micro-batches.
                 coef = getattr(self.model.config, "router_aux_loss_coef", DEFAULT_ROUTER_AUX_COEF)

@@ -107,9 +107,16 @@ def one_rank():
 
 
 def test_two_ranks_equal_one_rank(worlds, one_rank, tmp_path):
-    learner = Learner(CFG, run_dir=tmp_path)
-    for s in range(2):
-        learner.train_step(batch(s))
+    # The ranks ran RANK_THREADS compute threads; so does this one: a CPU matmul's reduction
+    # order (the LM head's weight gradient sums over tokens) depends on the thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RANK_THREADS)
+    try:
+        learner = Learner(CFG, run_dir=tmp_path)
+        for s in range(2):
+            learner.train_step(batch(s))
+    finally:
+        torch.set_num_threads(threads)
     p1, p2 = params(learner), worlds[0][0]["after_2"]
     assert p1.keys() == p2.keys()
     diff = max(float(np.abs(p1[k] - p2[k]).max()) for k in p1)

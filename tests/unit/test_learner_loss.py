@@ -95,11 +95,21 @@ def test_loss_mask_covers_completion_tokens_only_and_budget_is_respected():
     [mb] = rank_micro_batches([g], aggregation="token_mean", budget=1000, rank=0, world=1,
                               device=torch.device("cpu"))
     prompt_len = len(g.scored.rollout.group.prompt_ids)
-    live = (mb.weight > 0).numpy()
-    assert not live[:, : prompt_len - 1].any() and live[:, prompt_len - 1:].all()
-    # The target at a live position is the completion token and its behaviour logprob is the engine's.
-    np.testing.assert_array_equal(mb.targets[0, prompt_len - 1:].numpy(), g.scored.rollout.samples[0].token_ids)
-    np.testing.assert_array_equal(mb.behaviour[1, prompt_len - 1:].numpy(), g.scored.rollout.samples[1].logprobs)
+    width = mb.input_ids.shape[1]
+    samples = g.scored.rollout.samples
+    assert (mb.weight > 0).all() and len(mb.index) == sum(len(s.token_ids) for s in samples)
+    # Loss positions are exactly each row's completion-predicting positions p-1 .. p-2+t.
+    want = np.concatenate([r * width + np.arange(prompt_len - 1, prompt_len - 1 + len(s.token_ids))
+                           for r, s in enumerate(samples)])
+    np.testing.assert_array_equal(mb.index.numpy(), want)
+    # The target at each position is the next input token, the completion's own token; the
+    # behaviour logprob is the engine's.
+    np.testing.assert_array_equal(mb.targets.numpy(), mb.input_ids.reshape(-1)[mb.index + 1].numpy())
+    np.testing.assert_array_equal(mb.targets.numpy(), np.concatenate([s.token_ids for s in samples]))
+    np.testing.assert_array_equal(mb.behaviour.numpy(), np.concatenate([s.logprobs for s in samples]))
+    [idle] = rank_micro_batches([g], aggregation="token_mean", budget=1000, rank=1, world=2,
+                                device=torch.device("cpu"))
+    assert idle.weight.tolist() == [0.0] and len(idle.index) == 1  # an idle rank still runs a pass
     items = step_items([make_train_group(f"g{i}", n_samples=4, length=10, seed=i) for i in range(3)], "token_mean")
     for batch in pack(items, 40):
         assert len(batch) * max(len(it.tokens) for it in batch) <= 40 or len(batch) == 1
