@@ -143,6 +143,9 @@ class LearnerSection(msgspec.Struct, **_CFG):
     """Complete checkpoints kept."""
     activation_checkpointing: bool = False
     """Recompute decoder layers in backward to save memory."""
+    compile_layers: bool = False
+    """``torch.compile`` each decoder layer (dynamic shapes): fewer, fused kernels, after a
+    one-off compile of tens of seconds in the first steps. For GPU learners."""
 
 
 class PublisherSection(msgspec.Struct, **_CFG):

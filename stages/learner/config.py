@@ -73,6 +73,8 @@ class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Initial weights of a built-in shape (same seed ⇒ same weights on every stage)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward (non-reentrant; MoE made deterministic)."""
+    compile_layers: bool = False
+    """``torch.compile`` each decoder layer with dynamic shapes (``stages.learner.fsdp``)."""
     mixed_precision: bool | None = None
     """bf16 compute with fp32 master weights and fp32 gradient reduction; None: on for CUDA, off for CPU."""
 
@@ -87,7 +89,8 @@ class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                    aggregation=section.aggregation, micro_batch_tokens=section.micro_batch_tokens,
                    groups_per_step=section.groups_per_step, max_staleness=max_staleness, run_dir=str(run_dir),
                    checkpoint_every=section.checkpoint_every, keep_last=section.keep_checkpoints, seed=seed,
-                   activation_checkpointing=section.activation_checkpointing)
+                   activation_checkpointing=section.activation_checkpointing,
+                   compile_layers=section.compile_layers)
 
     def validate(self) -> LearnerConfig:
         """Raise ``ValueError`` on the first violated rule; returns self for chaining."""

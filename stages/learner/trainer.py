@@ -120,7 +120,8 @@ class Learner:
         self.max_staleness = cfg.max_staleness
         self.model = build_sharded(cfg.model, device=self.device, seed=cfg.seed,
                                    mixed_precision=cfg.mixed_precision,
-                                   activation_checkpointing=cfg.activation_checkpointing)
+                                   activation_checkpointing=cfg.activation_checkpointing,
+                                   compile_layers=cfg.compile_layers)
         self.moe = is_moe(self.model.config)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)

@@ -337,3 +337,14 @@ def test_staleness_is_reported_per_sample_as_a_distribution(one_rank, tmp_path):
     m = learner.train_step(keep).metrics
     assert (m["staleness_frac_0"], m["staleness_frac_1"], m["staleness_frac_2"]) == (0.5, 0.25, 0.25)
     assert m["staleness_mean"] == 0.75 and m["staleness_max"] == 2.0
+
+
+def test_compiled_layers_train_like_eager_layers(one_rank, tmp_path):
+    eager = Learner(CFG, run_dir=tmp_path / "eager")
+    compiled = Learner(msgspec.structs.replace(CFG, compile_layers=True), run_dir=tmp_path / "compiled")
+    for s in range(2):
+        a, b = eager.train_step(batch(s)).metrics, compiled.train_step(batch(s)).metrics
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+    pa, pb = params(eager), params(compiled)
+    assert pa.keys() == pb.keys()  # compiled in place: state-dict names unchanged
+    assert max(float(np.abs(pa[k] - pb[k]).max()) for k in pa) <= 1e-4
