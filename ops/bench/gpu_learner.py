@@ -160,6 +160,7 @@ def child(a) -> dict:
         res["variants"][v] = r
         print(f"{a.child} variant {v}: " + json.dumps({k: x for k, x in r.items() if k != "step_times"}), flush=True)
     if a.profile and learner is not None:
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         b = batch(999, a.groups, a.prompt_len, a.completion_len)
@@ -172,7 +173,9 @@ def child(a) -> dict:
         rows = prof.key_averages()
         print(rows.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25,
                          max_name_column_width=70))
-        busy = sum(getattr(e, "self_device_time_total", 0.0) for e in rows) / 1e6
+        # Kernel rows only (as the table's "Self CUDA time total"): an op's row repeats its kernels' time.
+        busy = sum(e.self_device_time_total for e in rows
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e6
         res["profile"] = {"wall_s": wall, "kernel_s": busy, "gpu_busy": busy / wall}
         print(f"profiled step: {wall:.3f} s wall (under the profiler), GPU kernels {busy:.3f} s: busy {busy / wall:.0%}")
     dist.destroy_process_group()

@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 PY = sys.executable
-GPU_TESTS = [PY, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rA", "-p", "no:cacheprovider", "-s"]
+# faulthandler_timeout: a test stuck for 120 s dumps every thread's stack into the log (the vLLM
+# tests hung once after the engine core started, with nothing in the log to say where).
+GPU_TESTS = [PY, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rA", "-p", "no:cacheprovider", "-s",
+             "-o", "faulthandler_timeout=120"]
 
 STEPS: dict[str, tuple[list[str], int, str]] = {
     # name: (command, time limit in seconds, what it is)
