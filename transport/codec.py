@@ -2,15 +2,25 @@
 
 Frame layout of one message::
 
-    frame 0   Envelope (msgpack, array_like)          schema version, msg id, sender, time, tag
-    frame 1   body (msgpack, tagged union ``Message``) arrays appear as [dtype, shape, ref]
-    frame 2   pool: mid-sized arrays packed back to back (16-byte aligned); absent when the
-              message has no arrays above the inline size
-    frame 3.. large arrays, one frame each, sent from the array's own memory
+    frame 0   head + pool, one buffer:
+                head   magic 0xC1, layout 1 (u8 each), envelope length (u16), body length (u32)
+                       (``_HEAD``, little-endian), the Envelope (msgpack, array_like: schema
+                       version, msg id, sender, time, tag), the body (msgpack, tagged union
+                       ``Message``; arrays appear as [dtype, shape, ref]), zero pad to 16 bytes
+                pool   mid-sized arrays packed back to back (16-byte aligned); empty when the
+                       message has no arrays above the inline size
+    frame 1.. large arrays, one frame each, sent from the array's own memory
+
+One frame for everything but large arrays: each ZeroMQ frame costs a zmq_msg, a send call
+and a Python Frame object on receive, which on a Rollout of 8×4096 tokens was ~11 % of raw
+pyzmq's rate (the same bytes as 3 frames against 1, ``ops/bench/bus.py``'s setup). 0xC1 is
+the one byte msgpack never uses, so a frame 0 starting with it cannot be the first layout,
+which the decoder still reads (recordings made before it): frame 0 Envelope, frame 1 body,
+frame 2 pool, frames 3.. large arrays.
 
 An array field is encoded as ``[dtype_str, shape, ref]`` where ``ref`` is the raw bytes
-inline (arrays under ``INLINE_MAX_BYTES``), ``[offset]`` into the pool frame (up to
-``OWN_FRAME_MIN_BYTES``), or an int: the index of its own frame counted from frame 3.
+inline (arrays under ``INLINE_MAX_BYTES``), ``[offset]`` into the pool (up to
+``OWN_FRAME_MIN_BYTES``), or an int: the index of its own frame among the large-array frames.
 
 Invariants and failure behaviour:
 - No pickle: msgpack and raw buffers only.
@@ -31,6 +41,7 @@ from __future__ import annotations
 import collections
 import io
 import itertools
+import struct
 import sys
 import time
 from typing import Any, Sequence
@@ -74,6 +85,11 @@ POOL_REUSE_MAX_BYTES = 8 << 20
 retained budget); their page faults are small next to the copy of that many bytes."""
 
 REJECT_REASONS = ("malformed", "unknown_tag", "newer_schema", "oversize")
+
+PACKED_MAGIC = 0xC1
+"""First byte of a one-buffer head frame: msgpack never uses it, an Envelope never starts with it."""
+PACKED_LAYOUT = 1
+_HEAD = struct.Struct("<BBHI")
 
 
 class DecodeError(Exception):
@@ -152,9 +168,11 @@ class Codec:
         busy.append(buf)
         return buf
 
-    def _fill_pool(self) -> memoryview:
-        """The pool frame: the listed arrays copied back to back into a reused buffer."""
-        size, parts = self._pool_len, self._out_pool
+    def _fill_pool(self, head: list[Any], head_len: int) -> memoryview:
+        """Frame 0: ``head`` (``head_len`` bytes, padded to the pool's alignment) then the
+        listed arrays, copied back to back into a reused buffer."""
+        parts = head + self._out_pool
+        size = head_len + self._pool_len
         if size > POOL_REUSE_MAX_BYTES:
             return memoryview(b"".join([_contiguous(p) for p in parts]))
         buf = self._pool_buffer()
@@ -175,16 +193,19 @@ class Codec:
         return buf.getbuffer()[:size]
 
     def encode(self, msg: Message) -> list[Any]:
-        """Frames for ``msg``: [envelope, body, *array buffers]."""
+        """Frames for ``msg``: [head + pool, *large array buffers]."""
         tag = type(msg).__struct_config__.tag
-        env = Envelope(SCHEMA_VERSION, next(self._ids), self.sender, time.time(), tag)
+        env = self._env_enc.encode(Envelope(SCHEMA_VERSION, next(self._ids), self.sender, time.time(), tag))
         try:
             body = self._body_enc.encode(msg)
+            n = _HEAD.size + len(env) + len(body)
+            head = [_HEAD.pack(PACKED_MAGIC, PACKED_LAYOUT, len(env), len(body)), env, body]
             if not self._out_pool:
-                if not self._out_arrays:
-                    return [self._env_enc.encode(env), body]  # no arrays: no pool frame
-                return [self._env_enc.encode(env), body, b"", *self._out_arrays]
-            return [self._env_enc.encode(env), body, self._fill_pool(), *self._out_arrays]
+                return [b"".join(head), *self._out_arrays]
+            pad = -n & _ALIGN_MASK
+            if pad:
+                head.append(_ZEROS[:pad])
+            return [self._fill_pool(head, n + pad), *self._out_arrays]
         finally:
             self._out_arrays, self._out_pool, self._pool_len = [], [], 0
 
@@ -259,17 +280,39 @@ class Codec:
         # np.ndarray refuses negative dimensions and a buffer too small for them.
         return np.ndarray(shape, dt, buf, off)
 
-    def decode_envelope(self, frames: Sequence[Any]) -> Envelope:
+    def _split(self, frames: Sequence[Any]) -> tuple[Any, Any, Any, Sequence[Any]]:
+        """(envelope bytes, body bytes or None, pool buffer, large-array frames) of either
+        layout, without copying; ``DecodeError`` when frame 0's head does not add up."""
         if not frames:
             raise DecodeError("malformed", "?", "no frames")
+        f0 = _bytes_of(frames[0])
+        if len(f0) >= _HEAD.size and f0[0] == PACKED_MAGIC:
+            view = memoryview(f0)
+            magic, layout, env_len, body_len = _HEAD.unpack_from(view)
+            end = _HEAD.size + env_len + body_len
+            if layout != PACKED_LAYOUT or end > len(view):
+                raise DecodeError("malformed", "?", f"head frame of layout {layout} declares {end} bytes, "
+                                                    f"has {len(view)}")
+            start = end + (-end & _ALIGN_MASK)
+            pool = view.toreadonly()[start:] if start < len(view) else b""
+            return view[_HEAD.size:_HEAD.size + env_len], view[_HEAD.size + env_len:end], pool, frames[1:]
+        # The first layout: envelope, body, pool, large arrays.
+        return (f0, _bytes_of(frames[1]) if len(frames) > 1 else None,
+                _readonly(frames[2]) if len(frames) > 2 else b"", frames[3:])
+
+    def _envelope(self, raw: Any) -> Envelope:
         try:
-            return self._env_dec.decode(_bytes_of(frames[0]))
+            return self._env_dec.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise DecodeError("malformed", "?", f"bad envelope: {e}") from None
 
+    def decode_envelope(self, frames: Sequence[Any]) -> Envelope:
+        return self._envelope(self._split(frames)[0])
+
     def decode(self, frames: Sequence[Any]) -> tuple[Envelope, Message]:
         """(envelope, message) from received frames, or ``DecodeError``."""
-        env = self.decode_envelope(frames)
+        raw_env, body, pool, large = self._split(frames)
+        env = self._envelope(raw_env)
         size = sum(len(_bytes_of(f)) for f in frames)
         if size > self.max_message_bytes:
             raise DecodeError("oversize", env.sender, f"{size} bytes > limit {self.max_message_bytes}")
@@ -279,12 +322,12 @@ class Codec:
             )
         if env.tag not in TAGS:
             raise DecodeError("unknown_tag", env.sender, f"unknown message tag {env.tag!r}")
-        if len(frames) < 2:
+        if body is None:
             raise DecodeError("malformed", env.sender, "no body frame")
-        self._in_pool = _readonly(frames[2]) if len(frames) > 2 else b""
-        self._in_frames = frames[3:]
+        self._in_pool = pool
+        self._in_frames = large
         try:
-            msg = self._body_dec.decode(_bytes_of(frames[1]))
+            msg = self._body_dec.decode(body)
         except Exception as e:  # msgspec's errors, and whatever a hostile array header provokes
             raise DecodeError("malformed", env.sender, f"bad {env.tag} body: {e}") from None
         finally:
