@@ -296,3 +296,86 @@ def weight_engine_process(name: str, offers, acks, stall: tuple[int, float] | No
         acks.put((name, "spans", spans))
 
     asyncio.run(main())
+
+
+class FakeAsyncLLM:
+    """Stands in for vLLM's ``AsyncLLM`` in CPU tests of ``VllmEngine``'s lifecycle: answers
+    the worker-extension RPCs the engine makes (``conveyor_*``) and records them, pauses and
+    resumes like the engine core. ``fail_rpc`` names an RPC that raises."""
+
+    built: list["FakeAsyncLLM"] = []
+
+    def __init__(self, fail_rpc: str | None = None) -> None:
+        self.rpcs: list[str] = []
+        self.paused = False
+        self.shut_down = False
+        self.fail_rpc = fail_rpc
+        self.engine_core = self
+        FakeAsyncLLM.built.append(self)
+
+    @classmethod
+    def from_engine_args(cls, args) -> "FakeAsyncLLM":
+        return cls(fail_rpc=getattr(cls, "next_fail_rpc", None))
+
+    async def collective_rpc(self, method: str, args: tuple = ()) -> list:
+        self.rpcs.append(method)
+        if method == self.fail_rpc:
+            raise RuntimeError(f"{method} failed (fake)")
+        if method == "conveyor_describe":
+            return [{"fast": False, "params": []}]
+        if method == "conveyor_load_ipc":
+            import msgspec
+
+            from schemas.messages import WeightManifest
+
+            manifest = msgspec.msgpack.decode(args[0], type=WeightManifest)
+            return [[b.digest for b in manifest.buckets]]
+        return [None]
+
+    async def pause_scheduler_async(self, mode: str = "keep", clear_cache: bool = False) -> None:
+        self.paused = True
+
+    async def resume_scheduler_async(self) -> None:
+        self.paused = False
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+class FakeCudaBuckets:
+    """``CudaBuckets`` without CUDA: the manifest of the state, no handles."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+
+    def fill(self, state, version: int):
+        from stages.publisher.manifest import plan
+
+        return plan(state, version)
+
+    def handles(self) -> list:
+        return []
+
+
+def install_fake_vllm(monkeypatch) -> None:
+    """Make ``VllmEngine.start`` build ``FakeAsyncLLM`` and load seeded weights on the CPU."""
+    import sys
+    import types
+
+    import stages.rollout.engines.vllm_engine as vllm_engine
+    from stages.model import build_model
+
+    for name in ("vllm", "vllm.engine", "vllm.v1", "vllm.v1.engine"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    arg_utils = types.ModuleType("vllm.engine.arg_utils")
+    arg_utils.AsyncEngineArgs = lambda **kw: kw
+    async_llm = types.ModuleType("vllm.v1.engine.async_llm")
+    async_llm.AsyncLLM = FakeAsyncLLM
+    monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", arg_utils)
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine.async_llm", async_llm)
+    monkeypatch.setattr(vllm_engine, "CudaBuckets", FakeCudaBuckets)
+    monkeypatch.setattr(vllm_engine, "build_model", lambda name, dtype=None, device=None, seed=0: build_model(
+        "tiny", seed=seed))
+    monkeypatch.setattr(vllm_engine, "write_model_dir", lambda name, dtype: "/nonexistent")
+    FakeAsyncLLM.built = []
+    FakeAsyncLLM.next_fail_rpc = None

@@ -159,6 +159,8 @@ class VllmEngine(Engine):
         self._paused = False
         self._requests: dict[str, _Request] = {}
         self._start_lock = asyncio.Lock()
+        self._starting: asyncio.Task | None = None  # the task inside ``start``, while it runs
+        self._ready = False  # built and (seeded) loaded
         self._nccl: NcclRendezvous | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -171,34 +173,57 @@ class VllmEngine(Engine):
         return self._paused
 
     async def start(self) -> None:
+        """Build the engine (and, ``init="seeded"``, load ``build_model``'s weights) once;
+        every other entry point awaits it first. The seeded load goes through this engine's
+        own update path (``start_weight_update`` ... ``finish_weight_update``), which awaits
+        ``start`` again from inside it: that re-entry by the starting task returns at once
+        (an ``asyncio.Lock`` is not re-entrant: it deadlocked the seeded start on the GPU,
+        where the vLLM tests then hung), while any other task waits for the whole start."""
+        if self._ready or self._starting is asyncio.current_task():
+            return
         async with self._start_lock:
-            if self.llm is not None:
+            if self._ready:
                 return
-            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-            from vllm.engine.arg_utils import AsyncEngineArgs
-            from vllm.v1.engine.async_llm import AsyncLLM
-
-            t0 = time.perf_counter()
-            if self.builtin:
-                self._model_dir = write_model_dir(self.model_name, self.dtype)
-                args = AsyncEngineArgs(model=self._model_dir, load_format="dummy", **self.engine_args)
-            else:
-                args = AsyncEngineArgs(model=self.model_name, **self.engine_args)
-            # Off the event loop: a start takes 15-80 s (more with torch.compile and CUDA
-            # graphs on a cold cache), during which the stage must keep sending heartbeats.
-            # AsyncLLM supports being built outside a running loop (its output tasks start
-            # lazily at the first request or RPC).
+            self._starting = asyncio.current_task()
             try:
-                self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-            except ValueError as e:  # e.g. a signal handler that only the main thread may set
-                if "main thread" not in str(e):
-                    raise
-                self.llm = AsyncLLM.from_engine_args(args)
+                await self._start()
+            finally:
+                self._starting = None
+
+    async def _start(self) -> None:
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        t0 = time.perf_counter()
+        if self.builtin:
+            self._model_dir = write_model_dir(self.model_name, self.dtype)
+            args = AsyncEngineArgs(model=self._model_dir, load_format="dummy", **self.engine_args)
+        else:
+            args = AsyncEngineArgs(model=self.model_name, **self.engine_args)
+        # Off the event loop: a start takes 15-80 s (more with torch.compile and CUDA
+        # graphs on a cold cache), during which the stage must keep sending heartbeats.
+        # AsyncLLM supports being built outside a running loop (its output tasks start
+        # lazily at the first request or RPC).
+        try:
+            self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        except ValueError as e:  # e.g. a signal handler that only the main thread may set
+            if "main thread" not in str(e):
+                raise
+            self.llm = AsyncLLM.from_engine_args(args)
+        try:
             self.describe = (await self.llm.collective_rpc("conveyor_describe"))[0]
             if self.builtin and self.init == "seeded":
                 await self._load_local(build_model(self.model_name, dtype=getattr(torch, self.dtype),
                                                    device="cuda", seed=self.seed), version=0)
-            self.start_seconds = time.perf_counter() - t0
+        except BaseException:
+            # A half-started engine (dummy weights live) must not serve: the next start
+            # builds it again.
+            self.llm.shutdown()
+            self.llm = None
+            raise
+        self._ready = True
+        self.start_seconds = time.perf_counter() - t0
 
     async def _load_local(self, model: torch.nn.Module, version: int) -> None:
         """Load a model held by this process through the CUDA IPC path (the seeded start)."""
@@ -222,6 +247,7 @@ class VllmEngine(Engine):
         await self.abort(list(self._requests))
         self.llm.shutdown()
         self.llm = None
+        self._ready = False
 
     # ------------------------------------------------------------------ requests
     def _sampling_params(self, p: SamplingParams):
