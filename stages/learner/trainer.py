@@ -195,7 +195,7 @@ class Learner:
             # use_cache=False: a KV cache growing during the forward would make activation
             # checkpointing's recompute see different shapes.
             extra = {"output_router_logits": True} if self.moe else {}
-            with logprob_head(self.model.lm_head, mb.index, mb.targets):
+            with logprob_head(self.model.lm_head, mb.index, mb.targets, fused=cfg.compile_layers):
                 out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, **extra)
             loss, met = policy_loss(out.logits, mb.behaviour, mb.adv, mb.weight, kind=cfg.loss,
                                     clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,

@@ -12,8 +12,8 @@ def _plain(hidden, weight, targets):
     return torch.log_softmax((hidden @ weight.T).float(), -1).gather(-1, targets[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_values_and_gradients_equal_the_plain_path_across_chunks(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, fused", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_values_and_gradients_equal_the_plain_path_across_chunks(monkeypatch, dtype, fused):
     torch.manual_seed(0)
     n, d, v = 37, 16, 50
     monkeypatch.setattr(head_module, "CHUNK_LOGIT_BYTES", 4 * v * 8)  # 8 rows a chunk: 5 chunks, a ragged last
@@ -21,7 +21,7 @@ def test_values_and_gradients_equal_the_plain_path_across_chunks(monkeypatch, dt
     weight = torch.randn(v, d, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, v, (n,))
     grad = torch.randn(n)
-    got = token_logprobs(hidden, weight, targets)
+    got = token_logprobs(hidden, weight, targets, fused=fused)
     got.backward(grad)
     h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     want = _plain(h2, w2, targets)
