@@ -43,9 +43,9 @@ from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainGroup
 from schemas.stack import LearnerSection
 from stages.learner import checkpoint as ckpt
 from stages.learner.batch import group_problem, rank_micro_batches
-from stages.learner.head import logprob_head
 from stages.learner.config import LearnerConfig
 from stages.learner.fsdp import build_sharded, full_parameters
+from stages.learner.head import logprob_head
 from stages.learner.loss import MAX_METRICS, MIN_METRICS, SUM_METRICS, grpo_advantages, policy_loss
 from stages.model import is_moe
 

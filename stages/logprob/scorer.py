@@ -35,7 +35,7 @@ def completion_logprobs(model: torch.nn.Module, prompt: np.ndarray, completions:
     # Only completion positions go through the LM head (stages.learner.head): no [B, L, V]
     # logits, which at a 152k vocabulary and 1k-token rows are ~10 GB in fp32 per group.
     index = np.concatenate([i * width + np.arange(p - 1, p - 1 + len(c)) for i, c in enumerate(completions)])
-    targets = np.concatenate([c for c in completions]).astype(np.int64)
+    targets = np.concatenate(completions).astype(np.int64)
     ids, mask = ids.to(device), mask.to(device)
     with torch.inference_mode(), logprob_head(model.lm_head, torch.from_numpy(index).to(device),
                                               torch.from_numpy(targets).to(device)):
