@@ -1,6 +1,7 @@
-"""The GPU learner bench's own logic (variants, the compiled rebuild, FLOP accounting, the
-last line) on the CPU with the tiny model: a broken bench should fail here, not after a
-GPU machine was started for it. The figures of this run mean nothing."""
+"""The GPU benches' own logic, run on the CPU: the learner bench with the tiny model
+(variants, the compiled rebuild, FLOP accounting, its last line) and the stack bench on
+``ops/stack.toml``. A broken bench should fail here, not after a GPU machine was started
+for it. The figures of these runs mean nothing."""
 
 import re
 import subprocess
@@ -21,3 +22,14 @@ def test_gpu_learner_bench_runs_its_variants_and_prints_its_line():
                           out, re.M)) == 3, out[-3000:]
     assert re.search(r"^bench gpu_learner: tiny tokens_per_s=\d+ mfu=[\d.]+ tflops=\d+ step_s=[\d.]+ variant=\w+;$",
                      out, re.M), out[-3000:]
+
+
+def test_gpu_stack_bench_runs_both_modes_on_the_cpu_stack():
+    """The stack bench takes any stack file; on ``ops/stack.toml`` it needs no GPU."""
+    p = subprocess.run([sys.executable, str(ROOT / "ops/bench/gpu_stack.py"), "--stack", str(ROOT / "ops/stack.toml"),
+                        "--steps", "4", "--timeout", "120"], capture_output=True, text=True, timeout=400, cwd=ROOT)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    m = re.search(r"^bench gpu_stack: sync_samples_per_s=([\d.]+) async_samples_per_s=([\d.]+) speedup=[\d.]+ "
+                  r"steps=4 stack=stack\.toml$", out, re.M)
+    assert m and float(m[1]) > 0 and float(m[2]) > 0, out[-3000:]
