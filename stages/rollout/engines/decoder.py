@@ -4,7 +4,7 @@
 head_dim]``; slot ``i`` belongs to one sequence. Prefill runs a right-padded batch of prompts
 and copies each prompt's K/V into the slots that share it; decode runs one token for slots
 ``0..b-1`` and attends over the cache views ``[:b, :, :span]`` (the caller keeps active
-slots packed at the front with ``move_slot``).
+slots packed at the front with ``move_slots``).
 
 Speed: for small models a decode step costs per-op overhead, not FLOPs, so the q/k/v and
 gate/up projections run as one matmul each. The fused weight is the *storage* of the
@@ -227,7 +227,15 @@ class SlotDecoder:
             h = layer.finish(h, q, kc[:b, :, :span], vc[:b, :, :span], mask)
         return self._logits(h[:, -1])
 
-    def move_slot(self, src: int, dst: int, length: int) -> None:
+    def move_slots(self, src: list[int], dst: list[int], length: int) -> None:
+        """Copy the first ``length`` cached positions of slots ``src`` into slots ``dst``
+        (pairwise), one gather per cache tensor however many slots move."""
+        if len(src) == 1:
+            for kc, vc in zip(self.k_cache, self.v_cache):
+                kc[dst[0], :, :length] = kc[src[0], :, :length]
+                vc[dst[0], :, :length] = vc[src[0], :, :length]
+            return
+        s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
         for kc, vc in zip(self.k_cache, self.v_cache):
-            kc[dst, :, :length] = kc[src, :, :length]
-            vc[dst, :, :length] = vc[src, :, :length]
+            kc[d, :, :length] = kc[s, :, :length]  # the gather on the right is a copy: overlap is safe
+            vc[d, :, :length] = vc[s, :, :length]

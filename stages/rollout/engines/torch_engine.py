@@ -369,36 +369,45 @@ class TorchEngine(Engine):
             if out.finish_reason:
                 finished.append(s)
         self.decoded_tokens += len(seqs)
-        for s in finished:
-            self._release(s)
-            if all(x.out.finish_reason for x in s.request.seqs):
-                self._retire_request(s.request)
+        if finished:
+            self._release(finished)
+            done = {id(s.request): s.request for s in finished}
+            for req in done.values():
+                if all(x.out.finish_reason for x in req.seqs):
+                    self._retire_request(req)
 
-    def _release(self, s: _Seq) -> None:
-        """Free a sequence's slot, moving the last active sequence into it (packing)."""
-        if s.slot < 0:
+    def _release(self, gone: list[_Seq]) -> None:
+        """Free the slots of ``gone`` and keep the active slots packed: each hole below the
+        new end takes one of the surviving sequences above it, all moved in one gather per
+        cache tensor (a group's samples usually finish in the same step: one gather, not
+        one slot move per sample)."""
+        gone = [s for s in gone if s.slot >= 0]
+        if not gone:
             return
-        j, last = s.slot, len(self.active) - 1
-        if j != last:
-            moved = self.active[last]
-            self.decoder.move_slot(last, j, moved.length)
-            moved.slot = j
-            self.active[j] = moved
-        self.active.pop()
-        s.slot = -1
+        for s in gone:
+            self.active[s.slot] = None  # type: ignore[call-overload]
+        end = len(self.active) - len(gone)
+        holes = sorted(s.slot for s in gone if s.slot < end)
+        movers = [m for m in self.active[end:] if m is not None]
+        if holes:
+            self.decoder.move_slots([m.slot for m in movers], holes, max(m.length for m in movers))
+            for h, m in zip(holes, movers):
+                m.slot = h
+                self.active[h] = m
+        del self.active[end:]
+        for s in gone:
+            s.slot = -1
         if not self.active:
             self._idle.set()
 
     def _retire_request(self, req: _Request) -> None:
-        for s in req.seqs:
-            self._release(s)
+        self._release(req.seqs)
         self.requests.pop(req.request_id, None)
         if not req.future.done():
             req.future.set_result([s.out for s in req.seqs])
 
     def _fail(self, req: _Request, exc: Exception) -> None:
-        for s in req.seqs:
-            self._release(s)
+        self._release(req.seqs)
         if req in self.waiting:
             self.waiting.remove(req)
         self.requests.pop(req.request_id, None)
