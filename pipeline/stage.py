@@ -5,7 +5,10 @@
 ``module:function`` naming such a coroutine (tests use this for fake stages).
 
 ``CONVEYOR_PROFILE_DIR=D`` (environment) runs the replica under cProfile and writes
-``D/<name>-<replica>.prof`` when it exits normally (drain): where a stage spends its CPU.
+``D/<name>-<replica>.prof`` when it exits normally (drain). By wall time; with
+``CONVEYOR_PROFILE_TIMER=cpu`` by the main thread's CPU time, which is what to read where
+stages share few cores (wall time there is mostly waiting to be scheduled). Either way only
+the main thread is profiled: work a stage hands to a thread (the learner's steps) is not.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import cProfile
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import transport
@@ -44,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     profile_dir = os.environ.get("CONVEYOR_PROFILE_DIR")
     if not profile_dir:
         return transport.run(run_stage(name, args.replica, args.run_dir, body))
-    profiler = cProfile.Profile()
+    timer = os.environ.get("CONVEYOR_PROFILE_TIMER", "wall")
+    if timer not in ("wall", "cpu"):
+        raise SystemExit(f"CONVEYOR_PROFILE_TIMER={timer!r}: expected wall or cpu")
+    profiler = cProfile.Profile(time.thread_time) if timer == "cpu" else cProfile.Profile()
     try:
         return profiler.runcall(transport.run, run_stage(name, args.replica, args.run_dir, body))
     finally:
