@@ -230,11 +230,6 @@ class SlotDecoder:
     def move_slots(self, src: list[int], dst: list[int], length: int) -> None:
         """Copy the first ``length`` cached positions of slots ``src`` into slots ``dst``
         (pairwise), one gather per cache tensor however many slots move."""
-        if len(src) == 1:
-            for kc, vc in zip(self.k_cache, self.v_cache):
-                kc[dst[0], :, :length] = kc[src[0], :, :length]
-                vc[dst[0], :, :length] = vc[src[0], :, :length]
-            return
         s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
         for kc, vc in zip(self.k_cache, self.v_cache):
             kc[d, :, :length] = kc[s, :, :length]  # the gather on the right is a copy: overlap is safe
