@@ -31,6 +31,7 @@ Failure behaviour: shapes that do not line up (index out of range) raise from
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -58,20 +59,21 @@ def _logit_grad(logits: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, target
     return d.scatter_add(1, targets[:, None], g[:, None]).to(logits.dtype)
 
 
-_FUSED: dict[str, object] = {}
-"""The two functions above compiled (``fused=True``): each becomes one pass over a chunk's
-logits instead of four to five elementwise passes (bf16→fp32 copy, sub, exp, mul, cast back).
-On a 2-core CPU at a 152k vocabulary: 443 → 173 ms per 512 rows in bf16; on the H200 the
-unfused passes were ~150 ms of the compiled 0.6B step (docs/performance.md)."""
+@functools.cache
+def _compiled(fn):
+    """``fn`` compiled, once per process and only when first asked for (importing
+    ``torch._dynamo`` is not free, and CPU stacks never fuse)."""
+    return torch.compile(fn, dynamic=True)
 
 
 def _fns(fused: bool):
+    """(forward, backward) chunk math. ``fused``: compiled, each one pass over a chunk's
+    logits instead of four to five elementwise passes (bf16→fp32 copy, sub, exp, mul, cast
+    back). On a 2-core CPU at a 152k vocabulary: 443 → 173 ms per 512 rows in bf16; on the
+    H200 the unfused passes were ~150 ms of the compiled 0.6B step (docs/performance.md)."""
     if not fused:
         return _lse_and_logp, _logit_grad
-    if not _FUSED:
-        _FUSED["lse"] = torch.compile(_lse_and_logp, dynamic=True)
-        _FUSED["grad"] = torch.compile(_logit_grad, dynamic=True)
-    return _FUSED["lse"], _FUSED["grad"]
+    return _compiled(_lse_and_logp), _compiled(_logit_grad)
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):

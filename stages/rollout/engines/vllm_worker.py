@@ -43,6 +43,7 @@ of GPU memory beyond vLLM's budget) before any is copied.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Mapping, Sequence
@@ -206,17 +207,21 @@ place of a sum, a product written out in int64 and its sum (about 5 passes over 
 size). The eager passes cost ~19 ms on the sender and ~38 ms in the worker for the 3.4 GB of
 the Qwen3-1.7B shape on an H200 (docs/performance.md). Integer sums wrap the same way in
 either form, so digests do not depend on which one ran (tested on the CPU)."""
-_fused_sums: Any = None
+
+
+@functools.cache
+def _fused_sums():
+    """The compiled reduction, made on first use (a worker that never digests on CUDA never
+    imports the compiler)."""
+    return torch.compile(_slab_sums_eager, dynamic=True)
 
 
 def _slab_sums(slab: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    global _fused_sums, FUSED_DIGESTS
+    global FUSED_DIGESTS
     if not (FUSED_DIGESTS and slab.is_cuda):
         return _slab_sums_eager(slab, weights)
-    if _fused_sums is None:
-        _fused_sums = torch.compile(_slab_sums_eager, dynamic=True)
     try:
-        return _fused_sums(slab, weights)
+        return _fused_sums()(slab, weights)
     except Exception as e:  # noqa: BLE001 -- no compiler on this machine: same digest, unfused
         FUSED_DIGESTS = False
         import warnings
