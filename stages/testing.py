@@ -69,13 +69,6 @@ class FakeClock:
         self.now += seconds
 
 
-def free_port() -> int:
-    """A free port below the ephemeral range (``pipeline.endpoints.free_port``)."""
-    from pipeline.endpoints import free_port as pick
-
-    return pick("127.0.0.1")
-
-
 def _world_entry(rank, world, port, fn, args, q):
     import torch.distributed as dist
 
@@ -93,6 +86,8 @@ def run_world(fn, world: int, *args, timeout: float = 240.0) -> list:
     """Run ``fn(*args)`` on ``world`` spawned gloo ranks; returns results by rank.
     ``fn`` must be importable (module level) and return picklable values."""
     import torch.multiprocessing as mp
+
+    from pipeline.endpoints import free_port
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -304,6 +299,8 @@ class FakeAsyncLLM:
     resumes like the engine core. ``fail_rpc`` names an RPC that raises."""
 
     built: list["FakeAsyncLLM"] = []
+    next_fail_rpc: str | None = None
+    """``fail_rpc`` of the next instance ``from_engine_args`` builds."""
 
     def __init__(self, fail_rpc: str | None = None) -> None:
         self.rpcs: list[str] = []
@@ -315,7 +312,7 @@ class FakeAsyncLLM:
 
     @classmethod
     def from_engine_args(cls, args) -> "FakeAsyncLLM":
-        return cls(fail_rpc=getattr(cls, "next_fail_rpc", None))
+        return cls(fail_rpc=cls.next_fail_rpc)
 
     async def collective_rpc(self, method: str, args: tuple = ()) -> list:
         self.rpcs.append(method)

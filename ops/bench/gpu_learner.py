@@ -112,7 +112,7 @@ def child(a) -> dict:
     from stages.learner.config import LearnerConfig
     from stages.learner.trainer import Learner
     from stages.model import model_config
-    from stages.testing import free_port
+    from pipeline.endpoints import free_port
 
     cuda = a.device == "cuda"
     if cuda:

@@ -44,7 +44,7 @@ async def one_model(model: str, reps: int) -> dict:
     from stages.model import build_model
     from stages.rollout.engines.vllm_engine import CudaBuckets, VllmEngine
     from stages.rollout.engines.vllm_worker import NcclRendezvous, broadcast_buckets, open_nccl_sender
-    from stages.testing import free_port
+    from pipeline.endpoints import free_port
 
     eng = VllmEngine(model, init="dummy", enforce_eager=True, max_model_len=1024, max_num_seqs=64,
                      gpu_memory_utilization=0.5)

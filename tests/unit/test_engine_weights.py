@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
+from pipeline.endpoints import free_port
 from stages.model import build_model
 from stages.publisher.manifest import DigestMismatch, ManifestMismatch, pack
 from stages.rollout.engines.base import SamplingParams
 from stages.rollout.engines.torch_engine import TorchEngine
-from stages.testing import free_port
 
 SMALL_BUCKETS = 64 * 1024
 """Several buckets for the tiny model (~0.5 MB), so bucket offsets are exercised."""

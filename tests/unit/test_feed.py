@@ -3,8 +3,9 @@
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.endpoints import free_port
 from stages.learner.feed import StepBatch, broadcast_batch
-from stages.testing import free_port, make_train_group, messages_equal
+from stages.testing import make_train_group, messages_equal
 
 
 def _port() -> int:

@@ -15,13 +15,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from pipeline.endpoints import free_port
 from schemas.messages import GroupFailed
 from stages.learner import checkpoint as ckpt
 from stages.learner.config import LearnerConfig
 from stages.learner.fsdp import build_inference
 from stages.learner.trainer import CONSUMED_FILE, Learner
 from stages.model import build_model
-from stages.testing import free_port, make_train_group, run_world
+from stages.testing import make_train_group, run_world
 
 CFG = LearnerConfig(lr=1e-2, micro_batch_tokens=256, weight_decay=0.1, warmup_steps=2, max_staleness=2)
 RANK_THREADS = 1

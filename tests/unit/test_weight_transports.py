@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.endpoints import free_port
 from stages.model import build_model
 from stages.publisher.canary import canary_ids, teacher_forced_logprobs
 from stages.publisher.core import PublisherCore
@@ -21,7 +22,7 @@ from stages.publisher.shm import remove_run_slots
 from stages.rollout.engines.base import SamplingParams
 from stages.rollout.engines.torch_engine import TorchEngine
 from stages.rollout.weights import WeightLoader
-from stages.testing import free_port, weight_params
+from stages.testing import weight_params
 
 SMALL_BUCKETS = 64 * 1024
 """Several buckets for the tiny model (~0.5 MB), so per-bucket phases are exercised."""

@@ -10,8 +10,9 @@ NCCL refuses two ranks on one GPU). Run on the GPU machine with
 import pytest
 import torch
 
+from pipeline.endpoints import free_port
 from stages.publisher.senders import CudaIpcSender, NcclSender
-from stages.testing import free_port, weight_params
+from stages.testing import weight_params
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
