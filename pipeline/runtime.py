@@ -9,7 +9,11 @@ Invariants and failure behaviour:
 - The context owns every socket it hands out and closes them all on exit.
 - Logs are structlog JSON lines in ``<run>/logs/<kind>-<replica>.jsonl`` (plus warnings on
   stderr); every line carries ``stage`` and ``replica``.
-- A heartbeat goes to the supervisor every second with the context's counters.
+- A heartbeat goes to the supervisor every second with the context's counters; its state is
+  ``starting`` until the stage opens its first channel (engine and model built).
+- An event loop held for ``LOOP_STALL_DUMP_S`` (so no heartbeats) gets every thread's stack
+  written to the replica's ``.out`` log, once per stall, by faulthandler's own C thread
+  (it needs no GIL, so it fires even while the loop's thread is stuck in C code).
 - ``Control(DRAIN)`` or SIGTERM: ``ctx.draining`` is set and every work puller stops
   asking for work; the stage finishes what it holds and ``run`` returns. ``SHUTDOWN``
   cancels ``run``. If the parent dies, the process exits (parent-death signal, plus a
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -98,6 +103,9 @@ class StageContext:
         self.processed = 0
         self.in_flight = 0
         self.weight_version = -1
+        self.started = False
+        """Set when the body opens its first channel (engine and model built): until then
+        heartbeats say ``starting`` and the supervisor tolerates longer silence."""
         self._channels: list[Any] = []
         self._pullers: list[WorkPuller] = []
         self._recorders: list[StreamRecorder] = []
@@ -107,6 +115,7 @@ class StageContext:
 
     # ------------------------------------------------------------------ channels
     def _keep(self, ch: Any, stream: str) -> Any:
+        self.started = True
         self._channels.append(ch)
         if stream in self.stack.run.record and hasattr(ch, "taps"):
             rec = StreamRecorder(self.run_dir / "recordings" / f"{stream}-{self.kind}-{self.replica}.stream")
@@ -206,7 +215,7 @@ class StageContext:
             await p.sock.send_multipart(p.codec.encode(Credit(-p.outstanding, p.codec.sender)))
 
     def heartbeat(self) -> Heartbeat:
-        state = "draining" if self.draining.is_set() else "running"
+        state = "draining" if self.draining.is_set() else "running" if self.started else "starting"
         return Heartbeat(self.kind, self.replica, os.getpid(), state, self.in_flight, self.processed,
                          self.weight_version)
 
@@ -269,6 +278,23 @@ async def _follow_control(ctx: StageContext, main_task: asyncio.Task, spawned_at
             ctx.control_handlers[msg.command](msg)
 
 
+LOOP_STALL_DUMP_S = 20.0
+"""A loop silent this long is stuck, not busy (a learner step or a weight load yields within
+seconds); two-thirds of the supervisor's 30 s heartbeat timeout, so the stacks are in the log
+before a kill."""
+
+
+async def dump_stacks_on_loop_stall(after: float = LOOP_STALL_DUMP_S, tick: float = 1.0) -> None:
+    """Re-arm faulthandler's one-shot timer every ``tick``: it fires only if the loop stops
+    ticking for ``after`` seconds. One such timer exists per process (this is its owner)."""
+    try:
+        while True:
+            faulthandler.dump_traceback_later(after, repeat=False, file=sys.stderr)
+            await asyncio.sleep(tick)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 async def run_stage(kind: str, replica: int, run_dir: Path,
                     body: Callable[[StageContext], Awaitable[None]]) -> int:
     """Run one stage replica to completion; returns the process exit code."""
@@ -292,6 +318,7 @@ async def run_stage(kind: str, replica: int, run_dir: Path,
     loop.add_signal_handler(signal.SIGINT, ctx.drain)
     helpers = [
         loop.create_task(beat_forever(ctx._telemetry, ctx.heartbeat)),
+        loop.create_task(dump_stacks_on_loop_stall()),
         loop.create_task(_follow_control(ctx, body_task, spawned_at)),
         loop.create_task(_watch_parent(parent, body_task.cancel)),
     ]

@@ -201,18 +201,36 @@ async def fake_crash(ctx) -> None:
 
 
 async def fake_hang_once(ctx) -> None:
-    """First incarnation (no ``fake_hung`` marker in the run dir): beats for a moment, then
-    blocks its event loop so its heartbeats stop. Later incarnations are ``fake_worker``."""
+    """First incarnation (no ``fake_hung`` marker in the run dir): opens its work stream
+    (so it is past starting), starts a child process (an engine core stand-in, pid in the
+    marker), beats for a moment, then blocks its event loop so its heartbeats stop. Later
+    incarnations are ``fake_worker``."""
     import asyncio
+    import subprocess
+    import sys
     import time
 
     marker = ctx.run_dir / f"fake_hung-{ctx.kind}-{ctx.replica}"
     if marker.exists():
         await fake_worker(ctx)
         return
-    marker.write_text("")
+    ctx.work_in(FAKE_NEXT[ctx.kind][0], credit=1)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    marker.write_text(str(child.pid))
     await asyncio.sleep(1.5)
     time.sleep(3600)  # blocks the loop: no heartbeat until the supervisor kills us
+
+
+async def fake_slow_start(ctx) -> None:
+    """Beats, then holds its event loop for ``FAKE_START_S`` seconds before opening any
+    channel (an engine build that blocks), then works as ``fake_worker``."""
+    import asyncio
+    import os
+    import time
+
+    await asyncio.sleep(0.5)
+    time.sleep(float(os.environ.get("FAKE_START_S", "8")))
+    await fake_worker(ctx)
 
 
 # --------------------------------------------------------------------------- weight transports

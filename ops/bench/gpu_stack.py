@@ -7,7 +7,9 @@ and seed, differing only in ``run.max_staleness``: 0 (the source issues one step
 groups and waits for the learner: synchronous RL) and 2 (up to three steps in flight).
 samples/s = completions trained between the first and the last step / wall time between them
 (start-up, i.e. vLLM's start and the learner's build, excluded). Each run is bounded by
-``--timeout`` seconds; a run that does not finish reports how many steps it made. Last line:
+``--timeout`` seconds; a run that does not finish reports how many steps it made. Each
+run's stage logs (the last ``LOG_TAIL_BYTES`` of each) are kept in ``--logs`` (default
+``$OUT/stack-logs`` on the GPU lane), so a failed run can be read afterwards. Last line:
 
     bench gpu_stack: sync_samples_per_s=A async_samples_per_s=B speedup=S steps=N stack=...
 """
@@ -26,6 +28,18 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+LOG_TAIL_BYTES = 256 * 1024
+"""Per stage log kept: the end holds the failure; whole logs of a long run would not all
+come back from the GPU machine (its files travel under a size limit)."""
+
+
+def keep_logs(run_dir: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted((run_dir / "logs").glob("*")):
+        if f.is_file():
+            with open(f, "rb") as src:
+                src.seek(max(0, f.stat().st_size - LOG_TAIL_BYTES))
+                (dest / f.name).write_bytes(src.read())
 
 
 def write_stack(base: dict, staleness: int, path: Path) -> Path:
@@ -75,6 +89,8 @@ def main() -> None:
     ap.add_argument("--stack", default=str(ROOT / "ops" / "gpu.toml"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per run at most")
+    ap.add_argument("--logs", type=Path, default=Path(os.environ["OUT"]) / "stack-logs" if "OUT" in os.environ else None,
+                    help="keep each run's stage logs here")
     a = ap.parse_args()
     base = tomllib.loads(Path(a.stack).read_text())
     out = {}
@@ -84,6 +100,8 @@ def main() -> None:
             stack = write_stack(base, staleness, Path(tmp) / f"stack-s{staleness}.toml")
             per_step = base["learner"].get("groups_per_step", 8) * base["source"].get("group_size", 8)
             r = out[staleness] = run(stack, run_dir, a.steps, a.timeout, per_step)
+            if a.logs is not None:
+                keep_logs(run_dir, a.logs / f"s{staleness}")
             if "tail" in r:
                 print(r.pop("tail"))
             print(f"max_staleness={staleness}: " + json.dumps(r), flush=True)

@@ -24,12 +24,16 @@ def test_gpu_learner_bench_runs_its_variants_and_prints_its_line():
                      out, re.M), out[-3000:]
 
 
-def test_gpu_stack_bench_runs_both_modes_on_the_cpu_stack():
-    """The stack bench takes any stack file; on ``ops/stack.toml`` it needs no GPU."""
+def test_gpu_stack_bench_runs_both_modes_on_the_cpu_stack(tmp_path):
+    """The stack bench takes any stack file; on ``ops/stack.toml`` it needs no GPU. Each
+    run's stage logs are kept."""
     p = subprocess.run([sys.executable, str(ROOT / "ops/bench/gpu_stack.py"), "--stack", str(ROOT / "ops/stack.toml"),
-                        "--steps", "4", "--timeout", "120"], capture_output=True, text=True, timeout=400, cwd=ROOT)
+                        "--steps", "4", "--timeout", "120", "--logs", str(tmp_path)],
+                       capture_output=True, text=True, timeout=400, cwd=ROOT)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
     m = re.search(r"^bench gpu_stack: sync_samples_per_s=([\d.]+) async_samples_per_s=([\d.]+) speedup=[\d.]+ "
                   r"steps=4 stack=stack\.toml$", out, re.M)
     assert m and float(m[1]) > 0 and float(m[2]) > 0, out[-3000:]
+    for mode in ("s0", "s2"):
+        assert "stage started" in (tmp_path / mode / "rollout-0.jsonl").read_text()

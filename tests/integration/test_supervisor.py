@@ -161,15 +161,41 @@ async def test_silent_replica_is_killed_by_pid_and_restarted(tmp_path, monkeypat
     run = tmp_path / "run"
 
     async def scenario(sup):
-        await wait_until(lambda: (run / "fake_hung-reward-0").exists(), 30, "the reward replica to hang")
-        hung = sup.pids()["reward/0"]
+        marker = run / "fake_hung-reward-0"
+        await wait_until(lambda: marker.exists() and marker.read_text(), 30, "the reward replica to hang")
+        hung, child = sup.pids()["reward/0"], int(marker.read_text())
         await wait_until(lambda: sup.pids().get("reward/0") not in (None, hung), 30, "kill and restart")
         assert not alive(hung)
+        await wait_until(lambda: not alive(child), 5, "the hung replica's child to go with its process group")
         await wait_until(lambda: len(received(run)) > 10, 60, "work through the restarted replica")
         sup.stop.set()
 
     assert await sup.run(on_tick=scenario) == 0
     assert [r.total_restarts for r in sup.replicas["reward"]] == [1]
+
+
+async def test_a_replica_starting_may_hold_its_loop_longer_than_the_heartbeat_timeout(tmp_path, monkeypatch):
+    """Heartbeats say ``starting`` until a stage opens its first channel; a start that holds
+    the loop (a vLLM build) past the 2 s timeout is not killed, and the run goes on."""
+    monkeypatch.setenv("FAKE_ITEMS", "0")
+    monkeypatch.setenv("FAKE_START_S", "6")
+    targets = {**FAKE_TARGETS, "reward": "stages.testing:fake_slow_start"}
+    sup = Supervisor(fake_stack(tmp_path), tmp_path / "run", targets, heartbeat_timeout=2.0, startup_grace=1.0)
+    run = tmp_path / "run"
+    states = set()
+
+    def seen() -> bool:
+        if (hb := sup.health.latest.get("reward/0")) is not None:
+            states.add(hb.state)
+        return len(received(run)) > 10
+
+    async def scenario(sup):
+        await wait_until(seen, 60, "work through the slow-starting replica", poll_s=0.05)
+        sup.stop.set()
+
+    assert await sup.run(on_tick=scenario) == 0
+    assert [r.total_restarts for r in sup.replicas["reward"]] == [0]
+    assert {"starting", "running"} <= states
 
 
 async def test_crash_loop_fails_the_stack_naming_the_replica(tmp_path, monkeypatch):
