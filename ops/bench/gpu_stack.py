@@ -5,13 +5,17 @@
 Needs CUDA and vLLM. Two real ``pipeline up`` runs (every stage a process) of the same stack
 and seed, differing only in ``run.max_staleness``: 0 (the source issues one step's worth of
 groups and waits for the learner: synchronous RL) and 2 (up to three steps in flight).
-samples/s = completions trained between the first and the last step / wall time between them
-(start-up, i.e. vLLM's start and the learner's build, excluded). Each run is bounded by
-``--timeout`` seconds; a run that does not finish reports how many steps it made. Each
-run's stage logs (the last ``LOG_TAIL_BYTES`` of each) are kept in ``--logs`` (default
-``$OUT/stack-logs`` on the GPU lane), so a failed run can be read afterwards. Last line:
+samples/s = completions trained between step ``--warmup`` and the last step / wall time
+between them: start-up (vLLM's start, the learner's build) and the first steps are left out,
+since they hold one-time costs (on an H200 the first compiled learner step took 114 s and the
+gap to the second 11.8 s, against ~1.1 s later; a window that kept them made the sync run
+look 3.8x slower than async). ``step_s_median`` is the median time between steps in that
+window. Each run is bounded by ``--timeout`` seconds; a run that does not finish reports how
+many steps it made. Each run's stage logs (the last ``LOG_TAIL_BYTES`` of each, in one file
+per run: the GPU lane brings back few files) are kept in ``--logs`` (default ``$OUT`` on the
+GPU lane), so a failed run can be read afterwards. Last line:
 
-    bench gpu_stack: sync_samples_per_s=A async_samples_per_s=B speedup=S steps=N stack=...
+    bench gpu_stack: sync_samples_per_s=A async_samples_per_s=B speedup=S steps=N warmup=W stack=...
 """
 
 from __future__ import annotations
@@ -34,12 +38,16 @@ come back from the GPU machine (its files travel under a size limit)."""
 
 
 def keep_logs(run_dir: Path, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in sorted((run_dir / "logs").glob("*")):
-        if f.is_file():
-            with open(f, "rb") as src:
-                src.seek(max(0, f.stat().st_size - LOG_TAIL_BYTES))
-                (dest / f.name).write_bytes(src.read())
+    """The tail of every stage log of ``run_dir``, one after another, each under a header."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "wb") as out:
+        for f in sorted((run_dir / "logs").glob("*")):
+            if f.is_file():
+                size = f.stat().st_size
+                out.write(f"===== {f.name} ({size} bytes; the last {min(size, LOG_TAIL_BYTES)})\n".encode())
+                with open(f, "rb") as src:
+                    src.seek(max(0, size - LOG_TAIL_BYTES))
+                    out.write(src.read())
 
 
 def write_stack(base: dict, staleness: int, path: Path) -> Path:
@@ -54,7 +62,7 @@ def write_stack(base: dict, staleness: int, path: Path) -> Path:
     return path
 
 
-def run(stack: Path, run_dir: Path, steps: int, timeout: float, per_step: int) -> dict:
+def run(stack: Path, run_dir: Path, steps: int, timeout: float, per_step: int, warmup: int) -> dict:
     cmd = [sys.executable, "-m", "pipeline.cli", "up", str(stack), "--max-steps", str(steps), "--run-dir", str(run_dir)]
     t0 = time.time()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -74,12 +82,16 @@ def run(stack: Path, run_dir: Path, steps: int, timeout: float, per_step: int) -
     rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
     rows = [r for r in rows if "step" in r and "time" in r][:steps]
     res = {"rc": rc, "steps": len(rows), "wall_s": time.time() - t0}
-    if len(rows) >= 2:
-        elapsed = rows[-1]["time"] - rows[0]["time"]
-        res.update(samples_per_s=sum(r.get("samples", per_step) for r in rows[1:]) / elapsed, seconds=elapsed,
-                   first_step_after_s=rows[0]["time"] - t0,
-                   staleness_mean=sum(r.get("staleness_mean", 0.0) for r in rows) / len(rows))
-    if rc != 0 or len(rows) < 2:
+    if rows:
+        res.update(first_step_after_s=rows[0]["time"] - t0)
+    window = rows[warmup:]
+    if len(window) >= 2:
+        elapsed = window[-1]["time"] - window[0]["time"]
+        gaps = sorted(b["time"] - a["time"] for a, b in zip(window, window[1:]))
+        res.update(samples_per_s=sum(r.get("samples", per_step) for r in window[1:]) / elapsed, seconds=elapsed,
+                   step_s_median=gaps[len(gaps) // 2],
+                   staleness_mean=sum(r.get("staleness_mean", 0.0) for r in window) / len(window))
+    if rc != 0 or len(window) < 2:
         res["tail"] = out[-3000:]
     return res
 
@@ -89,8 +101,9 @@ def main() -> None:
     ap.add_argument("--stack", default=str(ROOT / "ops" / "gpu.toml"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per run at most")
-    ap.add_argument("--logs", type=Path, default=Path(os.environ["OUT"]) / "stack-logs" if "OUT" in os.environ else None,
-                    help="keep each run's stage logs here")
+    ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the measured window")
+    ap.add_argument("--logs", type=Path, default=Path(os.environ["OUT"]) if "OUT" in os.environ else None,
+                    help="keep each run's stage logs here (stack-logs-s<staleness>.txt)")
     a = ap.parse_args()
     base = tomllib.loads(Path(a.stack).read_text())
     out = {}
@@ -99,16 +112,17 @@ def main() -> None:
             run_dir = Path(tmp) / f"s{staleness}"
             stack = write_stack(base, staleness, Path(tmp) / f"stack-s{staleness}.toml")
             per_step = base["learner"].get("groups_per_step", 8) * base["source"].get("group_size", 8)
-            r = out[staleness] = run(stack, run_dir, a.steps, a.timeout, per_step)
+            r = out[staleness] = run(stack, run_dir, a.steps, a.timeout, per_step, a.warmup)
             if a.logs is not None:
-                keep_logs(run_dir, a.logs / f"s{staleness}")
+                keep_logs(run_dir, a.logs / f"stack-logs-s{staleness}.txt")
             if "tail" in r:
                 print(r.pop("tail"))
             print(f"max_staleness={staleness}: " + json.dumps(r), flush=True)
     s, x = out[0], out[2]
     if "samples_per_s" in s and "samples_per_s" in x:
         print(f"bench gpu_stack: sync_samples_per_s={s['samples_per_s']:.1f} async_samples_per_s={x['samples_per_s']:.1f} "
-              f"speedup={x['samples_per_s'] / s['samples_per_s']:.2f} steps={a.steps} stack={Path(a.stack).name}")
+              f"speedup={x['samples_per_s'] / s['samples_per_s']:.2f} steps={a.steps} warmup={a.warmup} "
+              f"stack={Path(a.stack).name}")
     else:
         print(f"bench gpu_stack: FAILED sync_steps={s['steps']} async_steps={x['steps']} "
               f"sync_rc={s['rc']} async_rc={x['rc']} stack={Path(a.stack).name}")

@@ -28,12 +28,13 @@ def test_gpu_stack_bench_runs_both_modes_on_the_cpu_stack(tmp_path):
     """The stack bench takes any stack file; on ``ops/stack.toml`` it needs no GPU. Each
     run's stage logs are kept."""
     p = subprocess.run([sys.executable, str(ROOT / "ops/bench/gpu_stack.py"), "--stack", str(ROOT / "ops/stack.toml"),
-                        "--steps", "4", "--timeout", "120", "--logs", str(tmp_path)],
+                        "--steps", "4", "--warmup", "1", "--timeout", "120", "--logs", str(tmp_path)],
                        capture_output=True, text=True, timeout=400, cwd=ROOT)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
     m = re.search(r"^bench gpu_stack: sync_samples_per_s=([\d.]+) async_samples_per_s=([\d.]+) speedup=[\d.]+ "
-                  r"steps=4 stack=stack\.toml$", out, re.M)
+                  r"steps=4 warmup=1 stack=stack\.toml$", out, re.M)
     assert m and float(m[1]) > 0 and float(m[2]) > 0, out[-3000:]
     for mode in ("s0", "s2"):
-        assert "stage started" in (tmp_path / mode / "rollout-0.jsonl").read_text()
+        kept = (tmp_path / f"stack-logs-{mode}.txt").read_text()
+        assert "===== rollout-0.jsonl" in kept and "stage started" in kept
