@@ -1,6 +1,6 @@
 """Async against sync: the default stack with ``max_staleness = 0`` and with 2.
 
-    python ops/bench/async.py [--quick] [--steps N]
+    python ops/bench/async.py [--quick] [--steps N] [--stack ops/stack.toml]
 
 Both runs use ``ops/stack.toml`` with the same seed and the same number of learner steps;
 only ``run.max_staleness`` differs. With 0 the source issues one step's worth of groups
@@ -53,8 +53,23 @@ CPU_POLL_S = 0.2
 """How often the CPU of the stack's processes is read while it runs."""
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """utime + stime of ``root`` and every process below it, from ``/proc`` (0 where absent)."""
+def _stage_of(pid: int) -> str:
+    """The stage kind a process of the stack runs (``python -m pipeline.stage KIND``), else
+    ``supervisor`` (the ``pipeline up`` process and anything else below it)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "supervisor"
+    if b"pipeline.stage" in argv:
+        i = argv.index(b"pipeline.stage")
+        if i + 1 < len(argv):
+            return argv[i + 1].decode(errors="replace")
+    return "supervisor"
+
+
+def tree_cpu_by_stage(root: int) -> dict[str, float]:
+    """utime + stime of ``root`` and every process below it, from ``/proc``, summed by
+    stage kind (0 where absent)."""
     tick = os.sysconf("SC_CLK_TCK")
     parent, cpu = {}, {}
     for d in os.listdir("/proc"):
@@ -66,15 +81,18 @@ def tree_cpu_seconds(root: int) -> float:
             continue
         parent[int(d)] = int(fields[1])
         cpu[int(d)] = (int(fields[11]) + int(fields[12])) / tick
-    total, todo = 0.0, [root]
+    by_stage: dict[str, float] = {}
+    todo = [root]
     children: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
         children.setdefault(ppid, []).append(pid)
     while todo:
         pid = todo.pop()
-        total += cpu.get(pid, 0.0)
+        if pid in cpu:
+            kind = _stage_of(pid)
+            by_stage[kind] = by_stage.get(kind, 0.0) + cpu[pid]
         todo += children.get(pid, [])
-    return total
+    return by_stage
 
 
 class StepCpu(threading.Thread):
@@ -85,8 +103,8 @@ class StepCpu(threading.Thread):
     def __init__(self, root: int, metrics: Path) -> None:
         super().__init__(daemon=True)
         self.root, self.metrics = root, metrics
-        self.first: tuple[float, float] | None = None
-        self.last: tuple[float, float] | None = None
+        self.first: tuple[float, dict[str, float]] | None = None
+        self.last: tuple[float, dict[str, float]] | None = None
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -98,15 +116,21 @@ class StepCpu(threading.Thread):
                 n = 0
             if n > seen:
                 seen = n
-                sample = (time.time(), tree_cpu_seconds(self.root))
+                sample = (time.time(), tree_cpu_by_stage(self.root))
                 self.first = self.first or sample
                 self.last = sample
             self.done.wait(CPU_POLL_S)
 
+    def cpu_by_stage(self) -> dict[str, float]:
+        """CPU seconds each stage kind spent between the first and the latest step."""
+        if not self.first or not self.last:
+            return {}
+        return {k: v - self.first[1].get(k, 0.0) for k, v in self.last[1].items()}
+
     def cores_busy(self) -> float | None:
         if not self.first or not self.last or self.last[0] <= self.first[0]:
             return None
-        return (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+        return sum(self.cpu_by_stage().values()) / (self.last[0] - self.first[0])
 
 
 def run(stack: Path, run_dir: Path, steps: int) -> dict:
@@ -126,16 +150,18 @@ def run(stack: Path, run_dir: Path, steps: int) -> dict:
     trained = sum(r["samples"] for r in rows[1:])
     tail = rows[-max(1, len(rows) // 10):]
     return {"samples_per_s": trained / elapsed, "final_reward": sum(r["reward_mean"] for r in tail) / len(tail),
-            "steps": len(rows), "seconds": elapsed, "time_to_target_s": reached, "cores_busy": watch.cores_busy()}
+            "steps": len(rows), "seconds": elapsed, "time_to_target_s": reached, "cores_busy": watch.cores_busy(),
+            "cpu_ms_per_step": {k: 1e3 * v / max(1, len(rows) - 1) for k, v in sorted(watch.cpu_by_stage().items())}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="30 steps each (< 2 minutes in all)")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--stack", type=Path, default=ROOT / "ops" / "stack.toml", help="the stack file both runs start from")
     args = ap.parse_args()
     steps = args.steps or (30 if args.quick else 300)
-    base = tomllib.loads((ROOT / "ops" / "stack.toml").read_text())
+    base = tomllib.loads(args.stack.read_text())
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
         for staleness in (0, 2):
@@ -149,6 +175,9 @@ def main() -> None:
                   f"cores busy between the first and last step: "
                   f"{'n/a' if r['cores_busy'] is None else format(r['cores_busy'], '.2f')} of {os.cpu_count()}",
                   flush=True)
+            if r["cpu_ms_per_step"]:
+                print("  CPU ms per step by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms_per_step"].items())
+                      + f"; total {sum(r['cpu_ms_per_step'].values()):.1f}", flush=True)
     s, a = out[0], out[2]
     print(f"bench async: sync_samples_per_s={s['samples_per_s']:.1f} async_samples_per_s={a['samples_per_s']:.1f} "
           f"speedup={a['samples_per_s'] / s['samples_per_s']:.2f} sync_final_reward={s['final_reward']:.3f} "
