@@ -8,9 +8,9 @@ Invariants and failure behaviour:
   process group (session), and dies with the supervisor (PR_SET_PDEATHSIG armed before
   exec, plus the stage runtime's parent watchdog). Nothing is ever killed by name.
 - A replica that exits without being asked to (any code), or is silent past the heartbeat
-  timeout (``STARTING_TIMEOUT_S`` while its heartbeats say ``starting``; then SIGKILLed with
-  its process group, so an engine core it started goes too), is restarted after an exponential backoff without
-  blocking the monitoring of the others. More than ``RestartPolicy.max_restarts`` restarts
+  timeout (``STARTING_TIMEOUT_S`` while its heartbeats say ``starting``; then SIGKILLed
+  with its process group, so an engine core it started goes too), is restarted after an
+  exponential backoff without blocking the monitoring of the others. More than ``RestartPolicy.max_restarts`` restarts
   of one replica within ``RestartPolicy.window_s`` fails the whole stack: ``failure`` names
   the replica and its log, and ``run`` returns 1. Learner ranks form one process group, so
   if one rank dies all ranks are stopped and restarted together (they resume from the last
