@@ -10,9 +10,9 @@ Invariants and failure behaviour:
 - A replica that exits without being asked to (any code), or is silent past the heartbeat
   timeout (``STARTING_TIMEOUT_S`` while its heartbeats say ``starting``; then SIGKILLed
   with its process group, so an engine core it started goes too), is restarted after an
-  exponential backoff without blocking the monitoring of the others. More than ``RestartPolicy.max_restarts`` restarts
-  of one replica within ``RestartPolicy.window_s`` fails the whole stack: ``failure`` names
-  the replica and its log, and ``run`` returns 1. Learner ranks form one process group, so
+  exponential backoff without blocking the monitoring of the others. More than
+  ``RestartPolicy.max_restarts`` restarts of one replica within ``RestartPolicy.window_s``
+  fails the whole stack: ``failure`` names the replica and its log, and ``run`` returns 1. Learner ranks form one process group, so
   if one rank dies all ranks are stopped and restarted together (they resume from the last
   checkpoint). Whenever a replica goes, its broker credit is dropped (``forget``); after a
   work-stage replica is lost the source is told to reissue outstanding groups
