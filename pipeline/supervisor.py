@@ -12,11 +12,11 @@ Invariants and failure behaviour:
   with its process group, so an engine core it started goes too), is restarted after an
   exponential backoff without blocking the monitoring of the others. More than
   ``RestartPolicy.max_restarts`` restarts of one replica within ``RestartPolicy.window_s``
-  fails the whole stack: ``failure`` names the replica and its log, and ``run`` returns 1. Learner ranks form one process group, so
-  if one rank dies all ranks are stopped and restarted together (they resume from the last
-  checkpoint). Whenever a replica goes, its broker credit is dropped (``forget``); after a
-  work-stage replica is lost the source is told to reissue outstanding groups
-  (``Control(REISSUE)``).
+  fails the whole stack: ``failure`` names the replica and its log, and ``run`` returns 1.
+  Learner ranks form one process group, so if one rank dies all ranks are stopped and
+  restarted together (they resume from the last checkpoint). Whenever a replica goes, its
+  broker credit is dropped (``forget``); after a work-stage replica is lost the source is
+  told to reissue outstanding groups (``Control(REISSUE)``).
 - Scale down drains the highest-numbered replicas (``Control(DRAIN, "<kind>/<i>")``): they
   stop granting credit, finish what they hold and exit 0, which is final (not restarted).
   One that does not exit within ``RETIRE_TIMEOUT_S`` is killed and its groups reissued.
