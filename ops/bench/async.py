@@ -97,14 +97,16 @@ def tree_cpu_by_stage(root: int) -> dict[str, float]:
 
 class StepCpu(threading.Thread):
     """Reads the stack's CPU time whenever ``metrics.jsonl`` gains a step: (time, cpu) at
-    the first and the latest step. Processes that exited take their CPU with them, so the
-    window must end before the stack stops (the last step, not the drain)."""
+    the first and the latest step before the last one. Processes that exited take their CPU
+    with them, so the window must end before the stack stops: the last step starts the
+    shutdown, and a read up to ``CPU_POLL_S`` after it can miss stages already gone."""
 
-    def __init__(self, root: int, metrics: Path) -> None:
+    def __init__(self, root: int, metrics: Path, steps: int) -> None:
         super().__init__(daemon=True)
-        self.root, self.metrics = root, metrics
-        self.first: tuple[float, dict[str, float]] | None = None
-        self.last: tuple[float, dict[str, float]] | None = None
+        self.root, self.metrics, self.steps = root, metrics, steps
+        self.first: tuple[float, dict[str, float], int] | None = None
+        self.last: tuple[float, dict[str, float], int] | None = None
+        """(time, CPU seconds by stage kind, steps logged) at the first and the latest read."""
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -114,9 +116,9 @@ class StepCpu(threading.Thread):
                 n = self.metrics.read_bytes().count(b"\n")
             except OSError:
                 n = 0
-            if n > seen:
+            if seen < n < self.steps:
                 seen = n
-                sample = (time.time(), tree_cpu_by_stage(self.root))
+                sample = (time.time(), tree_cpu_by_stage(self.root), n)
                 self.first = self.first or sample
                 self.last = sample
             self.done.wait(CPU_POLL_S)
@@ -126,6 +128,10 @@ class StepCpu(threading.Thread):
         if not self.first or not self.last:
             return {}
         return {k: v - self.first[1].get(k, 0.0) for k, v in self.last[1].items()}
+
+    def cpu_ms_per_step(self) -> dict[str, float]:
+        steps = self.last[2] - self.first[2] if self.first and self.last else 0
+        return {k: 1e3 * v / steps for k, v in sorted(self.cpu_by_stage().items())} if steps else {}
 
     def cores_busy(self) -> float | None:
         if not self.first or not self.last or self.last[0] <= self.first[0]:
@@ -137,7 +143,7 @@ def run(stack: Path, run_dir: Path, steps: int) -> dict:
     cmd = [sys.executable, "-m", "pipeline.cli", "up", str(stack), "--max-steps", str(steps), "--run-dir", str(run_dir)]
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
-    watch = StepCpu(proc.pid, run_dir / "metrics.jsonl")
+    watch = StepCpu(proc.pid, run_dir / "metrics.jsonl", steps)
     if Path("/proc/self/stat").exists():
         watch.start()
     if proc.wait() != 0:
@@ -151,7 +157,7 @@ def run(stack: Path, run_dir: Path, steps: int) -> dict:
     tail = rows[-max(1, len(rows) // 10):]
     return {"samples_per_s": trained / elapsed, "final_reward": sum(r["reward_mean"] for r in tail) / len(tail),
             "steps": len(rows), "seconds": elapsed, "time_to_target_s": reached, "cores_busy": watch.cores_busy(),
-            "cpu_ms_per_step": {k: 1e3 * v / max(1, len(rows) - 1) for k, v in sorted(watch.cpu_by_stage().items())}}
+            "cpu_ms_per_step": watch.cpu_ms_per_step()}
 
 
 def main() -> None:
