@@ -325,7 +325,9 @@ class Supervisor:
             depth = self.brokers[stream].depth if stream in self.brokers else 0
             stages.append(StageStatus(kind, self.desired.get(kind, 0), sum(r.alive for r in reps),
                                       sum(r.total_restarts for r in reps), depth,
-                                      sum(h.processed for h in hbs if h is not None)))
+                                      sum(h.processed for h in hbs if h is not None),
+                                      sum(1 for r, h in zip(reps, hbs) if r.alive and h is not None
+                                          and h.state == "starting")))
         m = self.last_metrics
         return StatusReply(ok, detail, stages, self.step, int(m.get("weight_version", -1)),
                            m.get("reward_mean", 0.0), m.get("samples_per_s", 0.0), m.get("staleness_mean", 0.0))

@@ -35,11 +35,12 @@ def summary_line(st: StatusReply) -> str:
 def stage_table(st: StatusReply, title: str = "") -> Table:
     t = Table(title=title or None, expand=False)
     t.add_column("stage")
-    for col in ("alive/desired", "restarts", "queue", "processed"):
+    for col in ("alive/desired", "starting", "restarts", "queue", "processed"):
         t.add_column(col, justify="right")
     for s in st.stages:
         alive = f"{s.alive}/{s.replicas}"
         t.add_row(s.stage, alive if s.alive == s.replicas else f"[yellow]{alive}[/yellow]",
+                  str(s.starting) if not s.starting else f"[yellow]{s.starting}[/yellow]",
                   str(s.restarts) if not s.restarts else f"[yellow]{s.restarts}[/yellow]",
                   str(s.queue_depth), str(s.processed))
     return t
@@ -63,7 +64,8 @@ def status_view(st: StatusReply, title: str = "") -> Group:
 
 
 def plain_line(st: StatusReply, elapsed_s: float) -> str:
-    alive = " ".join(f"{s.stage}={s.alive}/{s.replicas}" + (f"(r{s.restarts})" if s.restarts else "")
+    alive = " ".join(f"{s.stage}={s.alive}/{s.replicas}" + (f"(starting {s.starting})" if s.starting else "")
+                     + (f"(r{s.restarts})" if s.restarts else "")
                      + (f"[q{s.queue_depth}]" if s.queue_depth else "") for s in st.stages)
     return (f"[{elapsed_s:6.0f}s] step {st.step} reward {st.reward_mean:.3f} samples/s {st.samples_per_s:.1f} "
             f"weights v{st.weight_version} staleness {st.staleness_mean:.2f} | {alive}")

@@ -292,6 +292,9 @@ class StageStatus(msgspec.Struct, array_like=True, gc=False):
     restarts: int
     queue_depth: int = 0
     processed: int = 0
+    starting: int = 0
+    """Alive replicas whose newest heartbeat says ``starting`` (engine or model still
+    building: a vLLM rollout takes a minute or more)."""
 
 
 class StatusReply(msgspec.Struct, tag="status_reply", array_like=True, gc=False):

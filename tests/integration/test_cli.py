@@ -111,7 +111,8 @@ def test_up_with_fake_stages_stops_after_max_steps_with_metrics_and_plot(tmp_pat
 def _reply():
     from schemas.messages import StageStatus, StatusReply
 
-    return StatusReply(True, "", [StageStatus("rollout", 3, 2, 1, 7, 40), StageStatus("learner", 1, 1, 0, 0, 12)],
+    return StatusReply(True, "", [StageStatus("rollout", 3, 2, 1, 7, 40, starting=1),
+                                  StageStatus("learner", 1, 1, 0, 0, 12)],
                        step=12, weight_version=11, reward_mean=0.5, samples_per_s=123.4, staleness_mean=1.25)
 
 
@@ -127,7 +128,7 @@ async def test_view_prints_plain_lines_without_a_terminal(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) >= 2 and "\x1b" not in "".join(lines)
     assert "step 12 reward 0.500 samples/s 123.4 weights v11 staleness 1.25" in lines[0]
-    assert "rollout=2/3(r1)[q7]" in lines[0] and "learner=1/1" in lines[0]
+    assert "rollout=2/3(starting 1)(r1)[q7]" in lines[0] and "learner=1/1 " in lines[0] + " "
 
 
 def test_status_view_shows_every_figure():
@@ -140,5 +141,5 @@ def test_status_view_shows_every_figure():
     buf = io.StringIO()
     Console(file=buf, width=100, force_terminal=False).print(status_view(_reply(), "run"))
     text = buf.getvalue()
-    for figure in ("12", "0.500", "123.4", "v11", "1.25", "2/3", "40"):
+    for figure in ("12", "0.500", "123.4", "v11", "1.25", "2/3", "40", "starting"):
         assert figure in text, figure

@@ -184,9 +184,12 @@ async def test_a_replica_starting_may_hold_its_loop_longer_than_the_heartbeat_ti
     run = tmp_path / "run"
     states = set()
 
+    starting_counts = []
+
     def seen() -> bool:
         if (hb := sup.health.latest.get("reward/0")) is not None:
             states.add(hb.state)
+            starting_counts.append(next(s.starting for s in sup.status().stages if s.stage == "reward"))
         return len(received(run)) > 10
 
     async def scenario(sup):
@@ -196,6 +199,7 @@ async def test_a_replica_starting_may_hold_its_loop_longer_than_the_heartbeat_ti
     assert await sup.run(on_tick=scenario) == 0
     assert [r.total_restarts for r in sup.replicas["reward"]] == [0]
     assert {"starting", "running"} <= states
+    assert 1 in starting_counts and starting_counts[-1] == 0  # what `pipeline status` showed
 
 
 async def test_crash_loop_fails_the_stack_naming_the_replica(tmp_path, monkeypatch):
