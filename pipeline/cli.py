@@ -64,7 +64,8 @@ def _parse_stage_impls(items: list[str]) -> dict[str, str]:
 @app.command()
 def up(file: Path, max_steps: int = typer.Option(None, help="stop cleanly after this many learner steps"),
        run_dir: Path = typer.Option(None, help="run directory (default: the stack's run.dir)"),
-       shutdown_timeout: float = typer.Option(10.0, help="seconds Ctrl-C/SIGTERM may take: drain, then kill"),
+       shutdown_timeout: float = typer.Option(None, help="seconds a stop may take: drain (the learner's final "
+                                                         "checkpoint), then kill (default: run.shutdown_timeout_s)"),
        stage_impl: list[str] = typer.Option([], hidden=True,
                                             help="KIND=module:function runs that coroutine for a stage (tests)")) -> None:
     """Run a stack until interrupted (or --max-steps), with a live view."""
@@ -87,7 +88,8 @@ def up(file: Path, max_steps: int = typer.Option(None, help="stop cleanly after 
     except Exception as e:  # a user task may not support it; not fatal
         console.print(f"task {stack.task.name!r}: chance reward unknown ({e})")
     console.print(f"run dir {rd}  (logs, metrics.jsonl, checkpoints, reward.png)")
-    sup = Supervisor(stack, rd, targets, max_steps=max_steps, shutdown_timeout=shutdown_timeout)
+    sup = Supervisor(stack, rd, targets, max_steps=max_steps,
+                     shutdown_timeout=stack.run.shutdown_timeout_s if shutdown_timeout is None else shutdown_timeout)
     code = transport.run(sup.run(on_tick=lambda sup: watch(sup.status, stack.run.name, console)))
     console.print(f"stopped: {summary_line(sup.status())}")
     plot = write_reward_plot(rd)

@@ -37,6 +37,10 @@ class RunSection(msgspec.Struct, **_CFG):
     """Sockets whose received traffic is recorded to ``<dir>/recordings/`` (e.g. ``rollouts``)."""
     bind_host: str = "127.0.0.1"
     """Host that auto-assigned TCP addresses bind to."""
+    shutdown_timeout_s: float = 10.0
+    """Seconds a stop (Ctrl-C, SIGTERM, ``--max-steps``) may take before stages are killed:
+    most of it is the drain, in which the learner writes its final checkpoint (model and
+    AdamW state: ~7 GB for a 0.6B model in fp32). ``pipeline up --shutdown-timeout`` overrides."""
 
 
 class ModelSection(msgspec.Struct, **_CFG):
@@ -186,6 +190,8 @@ class Stack(msgspec.Struct, **_CFG):
             fail("learner.world_size", "must be at least 1")
         if self.run.max_staleness < 0:
             fail("run.max_staleness", "must be >= 0")
+        if self.run.shutdown_timeout_s <= 0:
+            fail("run.shutdown_timeout_s", "must be > 0")
         if self.source.group_size < 2 and self.learner.loss == "grpo":
             fail("source.group_size", "GRPO needs at least 2 samples per group")
         if self.learner.kl_coef > 0 and not self.logprob.reference:

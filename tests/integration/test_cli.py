@@ -73,6 +73,8 @@ def test_status_and_scale_talk_to_a_running_stack(tmp_path):
     ("[source]\n[rollout]\nreplicas = 'two'\n[reward]\n[logprob]\n[learner]\n[publisher]\n", "rollout.replicas"),
     ("[source]\n[rollout]\n[reward]\n[logprob]\n[publisher]\n", "learner"),
     ("[source]\n[rollout]\nreplicas = 0\n[reward]\n[logprob]\n[learner]\n[publisher]\n", "rollout.replicas"),
+    ("[run]\nshutdown_timeout_s = 0\n[source]\n[rollout]\n[reward]\n[logprob]\n[learner]\n[publisher]\n",
+     "run.shutdown_timeout_s"),
 ])
 def test_broken_stack_files_exit_2_naming_the_field(tmp_path, body, field):
     p = tmp_path / "broken.toml"
