@@ -214,8 +214,12 @@ class VllmEngine(Engine):
         try:
             self.describe = (await self.llm.collective_rpc("conveyor_describe"))[0]
             if self.builtin and self.init == "seeded":
-                await self._load_local(build_model(self.model_name, dtype=getattr(torch, self.dtype),
-                                                   device="cuda", seed=self.seed), version=0)
+                # Off the loop as well: building the model (CPU init, then a copy to the
+                # GPU) takes seconds for 1.7B, and a loop held that long sends no heartbeat.
+                model = await asyncio.to_thread(build_model, self.model_name, dtype=getattr(torch, self.dtype),
+                                                device="cuda", seed=self.seed)
+                await self._load_local(model, version=0)
+                del model
         except BaseException:
             # A half-started engine (dummy weights live) must not serve: the next start
             # builds it again.
@@ -228,8 +232,10 @@ class VllmEngine(Engine):
     async def _load_local(self, model: torch.nn.Module, version: int) -> None:
         """Load a model held by this process through the CUDA IPC path (the seeded start)."""
         state = dict(model.named_parameters())
-        buckets = CudaBuckets(state)
-        manifest = buckets.fill(state, version)
+        # Bucket allocation and the first fill (which compiles the fused g1 digest, seconds
+        # on a cold cache) run in a worker thread, so the loop keeps its heartbeats.
+        buckets = await asyncio.to_thread(CudaBuckets, state)
+        manifest = await asyncio.to_thread(buckets.fill, state, version)
         await self.start_weight_update(version, manifest)
         try:
             await self.update_weights_ipc(buckets.handles(), manifest)
