@@ -84,6 +84,16 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 each of a stack's ~7 processes oversubscribes the CPU many times over."""
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask: ``taskset``, cpusets), not the
+    machine's count: pinned to 2 of 16 cores, a share computed from 16 started 2 OpenMP
+    threads per stage, whose spin-waits multiplied the rollout's CPU per step tenfold."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class RestartPolicy:
     max_restarts: int = 5
@@ -159,7 +169,7 @@ class Supervisor:
         """Newest value of every figure other stages sent (merged into ``metrics.jsonl`` rows)."""
         self.brokers: dict[str, WorkBroker] = {}
         self.endpoints: dict[str, str] = {}
-        self.threads_per_process = max(1, (os.cpu_count() or 1) // max(1, sum(self.desired.values())))
+        self.threads_per_process = max(1, usable_cores() // max(1, sum(self.desired.values())))
         self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ processes

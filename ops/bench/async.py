@@ -31,6 +31,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from pipeline.supervisor import usable_cores
+
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_REWARD = 0.8
 """The default stack's promise: mean reward ≥ 0.8 within 10 minutes on 2 CPU cores."""
@@ -179,7 +181,7 @@ def main() -> None:
                   f"{r['samples_per_s']:.1f} samples/s, final reward {r['final_reward']:.3f}, "
                   f"reward (10-step mean) >= {TARGET_REWARD} after {ttt} from launch; "
                   f"cores busy between the first and last step: "
-                  f"{'n/a' if r['cores_busy'] is None else format(r['cores_busy'], '.2f')} of {os.cpu_count()}",
+                  f"{'n/a' if r['cores_busy'] is None else format(r['cores_busy'], '.2f')} of {usable_cores()}",
                   flush=True)
             if r["cpu_ms_per_step"]:
                 print("  CPU ms per step by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms_per_step"].items())
