@@ -103,6 +103,11 @@ class RewardSection(msgspec.Struct, **_CFG):
     """Per-sample time limit; a reward that runs longer scores 0 and is counted."""
     workers: int = 1
     """Worker processes per reward replica running the reward functions."""
+    isolation: Literal["process", "inline", "auto"] = "auto"
+    """Where reward functions run: ``process`` (worker interpreters with the time limit),
+    ``inline`` (the stage's own thread, no limit: trusted fast code only) or ``auto``
+    (inline for the built-in linear-time rewards ``repeat``/``copy``/``reverse``/``exact``,
+    workers for everything else)."""
 
 
 class LogprobSection(msgspec.Struct, **_CFG):

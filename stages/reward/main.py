@@ -19,7 +19,8 @@ async def run(ctx: StageContext) -> None:
     s = ctx.stack
     rewards = {s.task.name: s.task.reward} if s.task.reward else {}
     scorer = RewardScorer(RewardConfig(rewards=rewards, tasks=[s.task.name],
-                                       sample_timeout_s=s.reward.timeout_s, num_workers=s.reward.workers))
+                                       sample_timeout_s=s.reward.timeout_s, num_workers=s.reward.workers,
+                                       isolation=s.reward.isolation))
     await scorer.start()
     inbox, out = ctx.work_in("rollouts", credit=GROUPS_IN_FLIGHT), ctx.work_out("scored")
 

@@ -21,6 +21,9 @@ Isolation (``config.isolation``):
   limit (``WORKER_START_TIMEOUT_S``).
 - ``inline``: functions run on the calling thread with no time limit; only for trusted,
   fast functions (tests, benchmarks).
+- ``auto``: specs in ``stages.tasks.LINEAR_TIME_REWARDS`` (built-in string comparisons that
+  cannot hang) run inline, every other spec in the worker pool, which starts only once a
+  group needs it.
 
 Failure behaviour: never raises for anything a rollout or a reward function does. A
 function that raises, returns a non-finite or non-numeric value, hangs, or kills its
@@ -49,7 +52,7 @@ import structlog
 
 from schemas.messages import Rollout, ScoredGroup
 from stages.reward.worker import check_reward_value, describe_exception
-from stages.tasks import RewardFn, TaskSpecError, resolve_reward_fn
+from stages.tasks import LINEAR_TIME_REWARDS, RewardFn, TaskSpecError, resolve_reward_fn
 
 WORKER_START_TIMEOUT_S = 60.0
 """Limit for a worker process to start and import a spec: spawn + imports (math_verify pulls
@@ -70,6 +73,10 @@ WORKER_COMMAND = "import sys; from stages.reward.worker import serve_fd; serve_f
 log = structlog.get_logger("stages.reward")
 
 
+ISOLATIONS = ("process", "inline", "auto")
+"""Values of ``RewardConfig.isolation``."""
+
+
 class RewardConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Configuration of the reward stage (the ``[reward]`` table of a stack file)."""
 
@@ -84,8 +91,9 @@ class RewardConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_workers: int = 2
     """Worker processes (samples of a group are scored in parallel across them)."""
     isolation: str = "process"
-    """``process`` (killable worker interpreters, time limit) or ``inline`` (no limit;
-    trusted code only)."""
+    """``process`` (killable worker interpreters, time limit), ``inline`` (no limit;
+    trusted code only) or ``auto`` (inline for the built-in linear-time rewards, else
+    process)."""
 
 
 class _WorkerFailure(Exception):
@@ -274,8 +282,8 @@ class RewardScorer:
 
     def __init__(self, config: RewardConfig | None = None, *, tokenizer: Any = None) -> None:
         self.config = config or RewardConfig()
-        if self.config.isolation not in ("process", "inline"):
-            raise ValueError(f"reward config: isolation must be 'process' or 'inline', "
+        if self.config.isolation not in ISOLATIONS:
+            raise ValueError(f"reward config: isolation must be one of {', '.join(ISOLATIONS)}, "
                              f"got {self.config.isolation!r}")
         if self.config.num_workers < 1 or self.config.sample_timeout_s <= 0:
             raise ValueError("reward config: num_workers ≥ 1 and sample_timeout_s > 0 required")
@@ -287,6 +295,8 @@ class RewardScorer:
         self._workers: list[_ProcessWorker] = []
         self._idle: asyncio.Queue[_ProcessWorker] | None = None
         self._inline_functions: dict[str, RewardFn] = {}
+        self._preload: list[str] = []
+        """Specs every worker imports before timing a sample (those not scored inline)."""
         self._bad_specs: dict[str, str] = {}
         self.counters: dict[str, int] = {
             "groups": 0, "samples": 0, "errors": 0, "exceptions": 0, "timeouts": 0,
@@ -307,13 +317,23 @@ class RewardScorer:
         preload = list(dict.fromkeys(self.spec_for(task) for task in self.config.tasks))
         for spec in preload:
             resolve_reward_fn(spec)  # fail fast, in the stage, on a configuration error
+        self._preload = [spec for spec in preload if not self.runs_inline(spec)]
         self._idle = asyncio.Queue()
-        if self.config.isolation == "process":
-            for _ in range(self.config.num_workers):
-                worker = _ProcessWorker(preload)
-                worker.start()
-                self._workers.append(worker)
-                self._idle.put_nowait(worker)
+        if self.config.isolation == "process" or self._preload:
+            self._start_workers()
+
+    def runs_inline(self, spec: str) -> bool:
+        """Whether samples of ``spec`` are scored on this thread (see ``isolation``)."""
+        return self.config.isolation == "inline" or (
+            self.config.isolation == "auto" and spec in LINEAR_TIME_REWARDS)
+
+    def _start_workers(self) -> None:
+        assert self._idle is not None
+        for _ in range(self.config.num_workers):
+            worker = _ProcessWorker(self._preload)
+            worker.start()
+            self._workers.append(worker)
+            self._idle.put_nowait(worker)
 
     async def close(self) -> None:
         """Stop every worker process (idempotent)."""
@@ -337,9 +357,11 @@ class RewardScorer:
         spec = self.spec_for(rollout.group.task)
         answer = rollout.group.answer
         texts = [completion_text(self._tokenizer, s.token_ids) for s in rollout.samples]
-        if self.config.isolation == "inline" or spec in self._bad_specs or not texts:
+        if self.runs_inline(spec) or spec in self._bad_specs or not texts:
             results = [await self._score_one(spec, text, answer) for text in texts]
         else:  # one request per worker: contiguous slices of the group, scored in parallel
+            if not self._workers:  # auto isolation: the first spec that needs workers
+                self._start_workers()
             n = min(self.config.num_workers, len(texts))
             bounds = [len(texts) * i // n for i in range(n + 1)]
             chunks = await asyncio.gather(*(self._score_chunk(spec, texts[a:b], answer)
@@ -358,7 +380,7 @@ class RewardScorer:
     async def _score_one(self, spec: str, completion_text: str, answer: str) -> tuple[float, str]:
         if spec in self._bad_specs:
             return 0.0, self._bad_specs[spec]
-        if self.config.isolation == "inline":
+        if self.runs_inline(spec):
             return self._score_inline(spec, completion_text, answer)
         assert self._idle is not None
         worker = await self._idle.get()

@@ -12,6 +12,7 @@ must start fast); ``chance_reward`` loads the tokenizer lazily.
 from stages.tasks.arith import ArithTask, ExactMatchTask, MathVerifyTask, exact_match_reward, math_verify_reward
 from stages.tasks.base import (
     BUILTIN_TASK_NAMES,
+    LINEAR_TIME_REWARDS,
     RewardFn,
     Task,
     TaskSpecError,
@@ -23,7 +24,8 @@ from stages.tasks.base import (
 from stages.tasks.synthetic import CopyTask, RepeatTask, ReverseTask, positional_credit
 
 __all__ = [
-    "ArithTask", "BUILTIN_TASK_NAMES", "CopyTask", "ExactMatchTask", "MathVerifyTask", "RepeatTask",
+    "ArithTask", "BUILTIN_TASK_NAMES", "CopyTask", "ExactMatchTask", "LINEAR_TIME_REWARDS", "MathVerifyTask",
+    "RepeatTask",
     "ReverseTask", "RewardFn", "Task", "TaskSpecError", "chance_reward", "exact_match_reward",
     "math_verify_reward", "monte_carlo_chance_reward", "positional_credit", "resolve_reward_fn",
     "resolve_task",

@@ -86,6 +86,12 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
 BUILTIN_TASK_NAMES = ("repeat", "copy", "reverse", "arith", "math", "exact")
 """Names ``resolve_task`` accepts without an import path."""
 
+LINEAR_TIME_REWARDS = frozenset({"repeat", "copy", "reverse", "exact"})
+"""Built-in specs whose reward is a linear-time comparison of two short strings, with no
+import, I/O or parser: they cannot hang, so the reward stage's ``auto`` isolation scores them
+on its own thread (a worker round trip cost ~0.5 ms of CPU per group, several per cent of the
+default stack's CPU per step). ``arith``/``math`` use math_verify's parser: workers."""
+
 
 def _import_attr(spec: str) -> object:
     module_name, sep, attr_path = spec.partition(":")

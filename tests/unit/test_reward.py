@@ -106,6 +106,22 @@ async def test_inline_isolation_turns_exceptions_into_errors():
     assert scorer.counters["exceptions"] == 2
 
 
+async def test_auto_isolation_scores_builtin_string_rewards_inline_and_user_code_in_workers():
+    scorer = RewardScorer(RewardConfig(isolation="auto", tasks=["repeat"], sample_timeout_s=1.0))
+    try:
+        scored = await scorer.score(make_rollout("repeat", "7777", ["7777", "77"]))
+        np.testing.assert_allclose(scored.rewards, [1.0, 0.5])
+        assert scorer.worker_pids == []  # a built-in linear-time reward starts no worker
+        assert scorer.runs_inline("repeat") and not scorer.runs_inline("arith")
+        # user code still gets a killable worker and its time limit
+        hung = await scorer.score(make_rollout(MISBEHAVING, "ok", ["ok", "hang"]))
+        np.testing.assert_allclose(hung.rewards, [1.0, 0.0])
+        assert hung.reward_errors[1].startswith("timeout")
+        assert len(scorer.worker_pids) == scorer.config.num_workers
+    finally:
+        await scorer.close()
+
+
 async def test_unknown_task_errors_every_sample_and_bad_configured_spec_fails_at_start():
     scorer = RewardScorer(RewardConfig(isolation="inline"))
     scored = await scorer.score(make_rollout("no-such-task", "1", ["1", "2"]))
