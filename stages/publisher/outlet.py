@@ -2,7 +2,8 @@
 
 ``WeightOutlet.publish`` runs on every learner rank (gathering the full parameters and the
 canary forward are collective); rank 0 stages the bytes with the sender the stack names
-(``senders.make_sender``), attaches the canary (ids and the learner's logprobs) and sends
+(``senders.make_sender``), attaches the canary (ids and the learner's logprobs; first offer
+and every ``CANARY_EVERY_VERSIONS``-th version) and sends
 the offer to the publisher's ``publish`` socket, then lets the sender deliver (``nccl``:
 the broadcast starts in the background while training goes on).
 
@@ -49,6 +50,13 @@ from stages.publisher.senders import make_sender, staging_device
 
 EPOCH_FILE = "learner_epoch"
 
+CANARY_EVERY_VERSIONS = 10
+"""The canary (a teacher-forced forward on the learner, then on every engine) rides on the
+first offer of each learner incarnation and on every 10th version: it checks that engines
+compute what the learner does (weight names, dtype, kernels), which does not change between
+versions of one run, while the per-tensor digests check every version's bytes. On every
+version it cost ~9 % of the default CPU stack's rollout CPU and a forward per learner step."""
+
 
 def next_learner_epoch(run_dir: str | Path) -> int:
     """One more than the epoch recorded in ``run_dir`` (1 for the first learner of a run);
@@ -82,6 +90,8 @@ class WeightOutlet:
         self.offers = None
         self._follower: asyncio.Task | None = None
         self._reported = ""
+        self._canaried = False
+        """Whether this incarnation has sent a canary yet (its first offer carries one)."""
         if rank == 0:
             self.offers = transport.push(ctx.endpoints["publish"], bind=False, sender=ctx.name, name="publish")
             ctx._channels.append(self.offers)
@@ -97,7 +107,10 @@ class WeightOutlet:
     async def publish(self, learner: Any) -> None:
         """Collective: every rank calls it after the step whose weights are to be published."""
         params = await asyncio.to_thread(learner.full_parameters, self.engine_dtype, self.device)
-        canary = await asyncio.to_thread(teacher_forced_logprobs, learner.model, self.canary, learner.device)
+        canary = None  # the same decision on every rank: the forward is collective under FSDP
+        if not self._canaried or learner.version % CANARY_EVERY_VERSIONS == 0:
+            canary = await asyncio.to_thread(teacher_forced_logprobs, learner.model, self.canary, learner.device)
+            self._canaried = True
         if self.rank != 0:
             return
         offer = await asyncio.to_thread(self.sender.stage, params, learner.version)  # waits for the last transfer
@@ -106,8 +119,8 @@ class WeightOutlet:
         if last and last != self._reported:
             self.ctx.log.warning("weight transfer failed", error=last)
         self._reported = last
-        offer = msgspec.structs.replace(offer, canary_ids=self.canary, canary_logprobs=canary,
-                                        learner_epoch=self.epoch)
+        offer = msgspec.structs.replace(offer, canary_ids=None if canary is None else self.canary,
+                                        canary_logprobs=canary, learner_epoch=self.epoch)
         await self.offers.send(offer)
         self.sender.deliver()
 
