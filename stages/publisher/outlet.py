@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,12 @@ from stages.publisher.senders import make_sender, staging_device
 
 
 EPOCH_FILE = "learner_epoch"
+
+SLOW_PUBLISH_S = 10.0
+"""A publish slower than this logs where its time went (gathering, the canary, waiting for
+the engines to release the previous version's CUDA buffers, staging) and the newest
+``WeightsReady`` the learner has seen: a GPU stack once stalled inside a publish with
+nothing in any log. A normal publish takes well under a second, even for 1.7B."""
 
 CANARY_EVERY_VERSIONS = 10
 """The canary (a teacher-forced forward on the learner, then on every engine) rides on the
@@ -90,6 +97,8 @@ class WeightOutlet:
         self.offers = None
         self._follower: asyncio.Task | None = None
         self._reported = ""
+        self.ready_seen: tuple[int, float] | None = None
+        """(version, monotonic time) of the newest own-epoch ``WeightsReady`` (cuda_ipc)."""
         self._canaried = False
         """Whether this incarnation has sent a canary yet (its first offer carries one)."""
         if rank == 0:
@@ -99,22 +108,43 @@ class WeightOutlet:
                 self._follower = asyncio.get_running_loop().create_task(self._follow_ready())
 
     async def _follow_ready(self) -> None:
-        ch = await self.ctx.subscribe("weights", topics=("weights_ready",))
-        async for msg in ch:
-            if isinstance(msg, WeightsReady) and msg.learner_epoch == self.epoch:
-                self.sender.settled(msg.version)
+        try:
+            ch = await self.ctx.subscribe("weights", topics=("weights_ready",))
+            async for msg in ch:
+                if isinstance(msg, WeightsReady) and msg.learner_epoch == self.epoch:
+                    self.ready_seen = (msg.version, time.monotonic())
+                    self.sender.settled(msg.version)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # without it every later publish waits out its update budget
+            self.ctx.log.exception("WeightsReady follower failed: each cuda_ipc publish now waits its whole budget")
+            raise
 
     async def publish(self, learner: Any) -> None:
         """Collective: every rank calls it after the step whose weights are to be published."""
+        t0 = time.monotonic()
         params = await asyncio.to_thread(learner.full_parameters, self.engine_dtype, self.device)
+        t_gathered = time.monotonic()
         canary = None  # the same decision on every rank: the forward is collective under FSDP
         if not self._canaried or learner.version % CANARY_EVERY_VERSIONS == 0:
             canary = await asyncio.to_thread(teacher_forced_logprobs, learner.model, self.canary, learner.device)
             self._canaried = True
         if self.rank != 0:
             return
+        t_canary = time.monotonic()
         offer = await asyncio.to_thread(self.sender.stage, params, learner.version)  # waits for the last transfer
         del params  # in the sender's buffers now; on the GPU it would hold a second copy of the model
+        t_staged = time.monotonic()
+        waited = getattr(self.sender, "last_wait_s", 0.0)
+        if not getattr(self.sender, "last_settled", True):
+            self.ctx.log.warning("previous version never settled: staged over its buffers after its update budget",
+                                 version=learner.version, waited_s=round(waited, 3), ready_seen=self.ready_seen)
+        if t_staged - t0 > SLOW_PUBLISH_S:
+            self.ctx.log.warning("slow publish", version=learner.version, gather_s=round(t_gathered - t0, 3),
+                                 canary_s=round(t_canary - t_gathered, 3), settle_wait_s=round(waited, 3),
+                                 stage_s=round(t_staged - t_canary - waited, 3),
+                                 ready_seen=None if self.ready_seen is None else
+                                 (self.ready_seen[0], round(t_staged - self.ready_seen[1], 3)))
         last = getattr(self.sender, "last_error", "")
         if last and last != self._reported:
             self.ctx.log.warning("weight transfer failed", error=last)

@@ -152,9 +152,15 @@ class CudaIpcSender:
         self._settled = -1
         self._pending: tuple[int, float] | None = None
         """(version in the buffers, monotonic time its update budget runs out)."""
+        self.last_wait_s = 0.0
+        """How long the latest ``stage`` waited for the previous version to settle."""
+        self.last_settled = True
+        """Whether it settled (False: its update budget ran out and ``stage`` went on)."""
 
     def stage(self, state: Mapping[str, torch.Tensor], version: int) -> WeightsOffer:
-        self.wait_settled()
+        t0 = time.monotonic()
+        self.last_settled = self.wait_settled()
+        self.last_wait_s = time.monotonic() - t0
         layout = plan(state, version, self.bucket_bytes)
         if self.buckets is None or not same_layout(self.buckets.layout, layout):
             self.buckets = CudaBuckets(state, self.bucket_bytes, self.device)
