@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -36,23 +37,38 @@ from stages.learner.trainer import Learner
 from stages.publisher.outlet import WeightOutlet
 
 
-def _init_dist(ctx: StageContext) -> None:
+def _init_dist(ctx: StageContext, device: torch.device) -> None:
     s = ctx.stack
-    backend = "nccl" if s.learner.device.startswith("cuda") else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # NCCL: bind the group to this rank's GPU (else barrier() and the communicator guess
+    # from the calling thread's current device).
+    bound = {"device_id": device} if device.type == "cuda" else {}
     if s.learner.world_size == 1:
         # One rank needs no rendezvous: an in-process store binds no port, so a port taken by
         # another process between the supervisor's pick and this bind cannot fail the start.
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **bound)
         return
     dist.init_process_group(backend, init_method=ctx.endpoints["learner.dist"], rank=ctx.replica,
-                            world_size=s.learner.world_size)
+                            world_size=s.learner.world_size, **bound)
+
+
+def _use_device_in_worker_threads(device: torch.device) -> None:
+    """CUDA's current device is per thread, and the learner's blocking torch work runs in
+    worker threads (``asyncio.to_thread``), which start on cuda:0: every rank's collectives
+    and allocations without an explicit device would land there. The loop's default executor
+    now starts each worker on this rank's GPU."""
+    torch.cuda.set_device(device)
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(thread_name_prefix="learner", initializer=torch.cuda.set_device, initargs=(device,)))
 
 
 async def run(ctx: StageContext) -> None:
     s = ctx.stack
     rank = ctx.replica
-    await asyncio.to_thread(_init_dist, ctx)
     device = torch.device(f"cuda:{rank}" if s.learner.device.startswith("cuda") else "cpu")
+    if device.type == "cuda":
+        _use_device_in_worker_threads(device)
+    await asyncio.to_thread(_init_dist, ctx, device)
     learner: Learner = await asyncio.to_thread(
         Learner, s.learner, model_name=s.model.name, run_dir=ctx.run_dir, max_staleness=s.run.max_staleness,
         seed=s.run.seed, device=device)
