@@ -10,9 +10,10 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -246,6 +247,25 @@ def load_stack(path: str | Path) -> Stack:
         return stack.validate()
     except StackError as e:
         raise StackError(f"{path}: {e}") from None
+
+
+def write_stack_toml(raw: dict, path: str | Path, **run: Any) -> Path:
+    """Write ``raw`` (a stack file as ``tomllib`` read it) to ``path`` as TOML, with the given
+    ``[run]`` fields set: how benchmarks derive variants of one stack (e.g. ``max_staleness``).
+    Values are written as JSON literals, which TOML reads back unchanged for what stack files
+    hold (strings, numbers, booleans, flat lists); a nested table raises ``ValueError``."""
+    tables = {name: dict(values) for name, values in raw.items()}
+    tables.setdefault("run", {}).update(run)
+    lines = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                raise ValueError(f"[{name}] {key}: nested tables are not written")
+            lines.append(f"{key} = {json.dumps(value)}")
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def dump_stack(stack: Stack) -> dict:

@@ -32,23 +32,11 @@ import tomllib
 from pathlib import Path
 
 from pipeline.supervisor import usable_cores
+from schemas.stack import write_stack_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_REWARD = 0.8
 """The default stack's promise: mean reward ≥ 0.8 within 10 minutes on 2 CPU cores."""
-
-
-def write_stack(base: dict, staleness: int, run_dir: Path) -> Path:
-    lines = []
-    for section, values in base.items():
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            if section == "run" and k == "max_staleness":
-                v = staleness
-            lines.append(f"{k} = {json.dumps(v)}")
-    path = run_dir.parent / f"stack-s{staleness}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 CPU_POLL_S = 0.2
@@ -174,7 +162,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
         for staleness in (0, 2):
             run_dir = Path(tmp) / f"s{staleness}"
-            out[staleness] = run(write_stack(base, staleness, run_dir), run_dir, steps)
+            stack = write_stack_toml(base, Path(tmp) / f"stack-s{staleness}.toml", max_staleness=staleness)
+            out[staleness] = run(stack, run_dir, steps)
             r = out[staleness]
             ttt = f"{r['time_to_target_s']:.0f}s" if r["time_to_target_s"] is not None else "not reached"
             print(f"max_staleness={staleness}: {r['steps']} steps in {r['seconds']:.1f}s, "

@@ -32,6 +32,9 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the GPU lane runs it with no install
+from schemas.stack import write_stack_toml  # noqa: E402
+
 BENCH_SHUTDOWN_S = 20.0
 """Stop budget of each run (``pipeline up --shutdown-timeout``): the stack files give the
 learner time for its final checkpoint, which this bench does not need."""
@@ -51,18 +54,6 @@ def keep_logs(run_dir: Path, dest: Path) -> None:
                 with open(f, "rb") as src:
                     src.seek(max(0, size - LOG_TAIL_BYTES))
                     out.write(src.read())
-
-
-def write_stack(base: dict, staleness: int, path: Path) -> Path:
-    lines = []
-    for section, values in base.items():
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            if section == "run" and k == "max_staleness":
-                v = staleness
-            lines.append(f"{k} = {json.dumps(v)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def run(stack: Path, run_dir: Path, steps: int, timeout: float, per_step: int, warmup: int) -> dict:
@@ -116,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-stack-") as tmp:
         for staleness in (0, 2):
             run_dir = Path(tmp) / f"s{staleness}"
-            stack = write_stack(base, staleness, Path(tmp) / f"stack-s{staleness}.toml")
+            stack = write_stack_toml(base, Path(tmp) / f"stack-s{staleness}.toml", max_staleness=staleness)
             per_step = base["learner"].get("groups_per_step", 8) * base["source"].get("group_size", 8)
             r = out[staleness] = run(stack, run_dir, a.steps, a.timeout, per_step, a.warmup)
             if a.logs is not None:

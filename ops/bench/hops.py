@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from schemas.messages import Message
+from schemas.stack import write_stack_toml
 from transport.record import read_messages
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,18 +116,6 @@ def read_run(run_dir: Path) -> dict[str, list[float]]:
     return hop_latencies(issued, consumed, received)
 
 
-def write_stack(base: dict, staleness: int, run_dir: Path) -> Path:
-    base = {k: dict(v) for k, v in base.items()}
-    base["run"].update(max_staleness=staleness, record=list(RECORDED))
-    lines = []
-    for section, values in base.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path = run_dir.parent / f"{run_dir.name}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
@@ -137,7 +126,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-hops-") as tmp:
         run_dir = args.run_dir or Path(tmp) / "run"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        stack = write_stack(tomllib.loads(args.stack.read_text()), args.staleness, run_dir)
+        stack = write_stack_toml(tomllib.loads(args.stack.read_text()), run_dir.parent / "stack.toml",
+                                 max_staleness=args.staleness, record=list(RECORDED))
         subprocess.run([sys.executable, "-m", "pipeline.cli", "up", str(stack), "--max-steps", str(args.steps),
                         "--run-dir", str(run_dir)], cwd=ROOT, stdout=subprocess.DEVNULL, check=True)
         hops = read_run(run_dir)

@@ -1,10 +1,11 @@
 """Every stack file shipped under ops/ loads and validates (``ops/stack.toml`` is the default)."""
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from schemas.stack import load_stack
+from schemas.stack import dump_stack, load_stack, write_stack_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = sorted((ROOT / "ops").glob("**/*.toml"))
@@ -20,3 +21,18 @@ def test_the_default_stack_is_among_the_files():
 def test_stack_file_loads(path):
     stack = load_stack(path)
     assert stack.run.dir, f"{path}: run.dir not resolved"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(ROOT)) for p in FILES])
+def test_a_written_variant_loads_back_equal_but_for_the_run_fields_set(path, tmp_path):
+    raw = tomllib.loads(path.read_text())
+    variant = load_stack(write_stack_toml(raw, tmp_path / "v.toml", max_staleness=0, record=["rollouts"]))
+    original = load_stack(path)
+    assert (variant.run.max_staleness, variant.run.record) == (0, ["rollouts"])
+    variant.run.max_staleness, variant.run.record = original.run.max_staleness, original.run.record
+    assert dump_stack(variant) == dump_stack(original)
+
+
+def test_nested_tables_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="nested"):
+        write_stack_toml({"rollout": {"engine_args": {"a": 1}}}, tmp_path / "v.toml")
