@@ -1,6 +1,6 @@
 """Async against sync: the default stack with ``max_staleness = 0`` and with 2.
 
-    python ops/bench/async.py [--quick] [--steps N] [--stack ops/stack.toml]
+    python ops/bench/async.py [--quick] [--steps N] [--stack ops/stack.toml] [--pairs P]
 
 Both runs use ``ops/stack.toml`` with the same seed and the same number of learner steps;
 only ``run.max_staleness`` differs. With 0 the source issues one step's worth of groups
@@ -13,7 +13,11 @@ process of the stack, from ``/proc``, over that window; Linux only). On a machin
 cores no schedule beats sync by more than ``C / (sync's cores busy)`` at equal CPU per
 sample, which bounds the speedup this bench can show there.
 samples/s = completions trained between the first and the last step / wall time between
-them (start-up excluded); final reward = mean reward of the last 10% of steps. Last line:
+them (start-up excluded); final reward = mean reward of the last 10% of steps. With
+``--pairs P`` the two runs are repeated P times, one pair after the other, and the last line
+gives medians, the speedup being the median of the pairs' own ratios: on a shared VM the
+machine's speed drifts by up to ±20 % within minutes, and a pair run back to back sees
+the least of it. Last line:
 
     bench async: sync_samples_per_s=A async_samples_per_s=B speedup=S sync_final_reward=R0 async_final_reward=R1
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,30 +160,38 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="30 steps each (< 2 minutes in all)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--stack", type=Path, default=ROOT / "ops" / "stack.toml", help="the stack file both runs start from")
+    ap.add_argument("--pairs", type=int, default=1,
+                    help="sync/async pairs, run one after the other; the last line gives medians")
     args = ap.parse_args()
     steps = args.steps or (30 if args.quick else 300)
     base = tomllib.loads(args.stack.read_text())
-    out = {}
+    pairs: list[dict[int, dict]] = []
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
-        for staleness in (0, 2):
-            run_dir = Path(tmp) / f"s{staleness}"
-            stack = write_stack_toml(base, Path(tmp) / f"stack-s{staleness}.toml", max_staleness=staleness)
-            out[staleness] = run(stack, run_dir, steps)
-            r = out[staleness]
-            ttt = f"{r['time_to_target_s']:.0f}s" if r["time_to_target_s"] is not None else "not reached"
-            print(f"max_staleness={staleness}: {r['steps']} steps in {r['seconds']:.1f}s, "
-                  f"{r['samples_per_s']:.1f} samples/s, final reward {r['final_reward']:.3f}, "
-                  f"reward (10-step mean) >= {TARGET_REWARD} after {ttt} from launch; "
-                  f"cores busy between the first and last step: "
-                  f"{'n/a' if r['cores_busy'] is None else format(r['cores_busy'], '.2f')} of {usable_cores()}",
-                  flush=True)
-            if r["cpu_ms_per_step"]:
-                print("  CPU ms per step by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms_per_step"].items())
-                      + f"; total {sum(r['cpu_ms_per_step'].values()):.1f}", flush=True)
-    s, a = out[0], out[2]
-    print(f"bench async: sync_samples_per_s={s['samples_per_s']:.1f} async_samples_per_s={a['samples_per_s']:.1f} "
-          f"speedup={a['samples_per_s'] / s['samples_per_s']:.2f} sync_final_reward={s['final_reward']:.3f} "
-          f"async_final_reward={a['final_reward']:.3f}")
+        for pair in range(args.pairs):
+            out = {}
+            for staleness in (0, 2):
+                run_dir = Path(tmp) / f"p{pair}-s{staleness}"
+                stack = write_stack_toml(base, Path(tmp) / f"stack-p{pair}-s{staleness}.toml", max_staleness=staleness)
+                r = out[staleness] = run(stack, run_dir, steps)
+                ttt = f"{r['time_to_target_s']:.0f}s" if r["time_to_target_s"] is not None else "not reached"
+                print(f"{f'pair {pair}: ' if args.pairs > 1 else ''}max_staleness={staleness}: {r['steps']} steps in "
+                      f"{r['seconds']:.1f}s, {r['samples_per_s']:.1f} samples/s, final reward {r['final_reward']:.3f}, "
+                      f"reward (10-step mean) >= {TARGET_REWARD} after {ttt} from launch; "
+                      f"cores busy between the first and last step: "
+                      f"{'n/a' if r['cores_busy'] is None else format(r['cores_busy'], '.2f')} of {usable_cores()}",
+                      flush=True)
+                if r["cpu_ms_per_step"]:
+                    print("  CPU ms per step by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms_per_step"].items())
+                          + f"; total {sum(r['cpu_ms_per_step'].values()):.1f}", flush=True)
+            pairs.append(out)
+    med = statistics.median
+    sync, asyn = med(p[0]["samples_per_s"] for p in pairs), med(p[2]["samples_per_s"] for p in pairs)
+    ratios = [p[2]["samples_per_s"] / p[0]["samples_per_s"] for p in pairs]
+    if len(pairs) > 1:
+        print("speedup of each pair: " + ", ".join(f"{x:.2f}" for x in ratios))
+    print(f"bench async: sync_samples_per_s={sync:.1f} async_samples_per_s={asyn:.1f} speedup={med(ratios):.2f} "
+          f"sync_final_reward={med(p[0]['final_reward'] for p in pairs):.3f} "
+          f"async_final_reward={med(p[2]['final_reward'] for p in pairs):.3f}")
 
 
 if __name__ == "__main__":
