@@ -36,7 +36,7 @@ import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
-from schemas.messages import Message
+from schemas.messages import GroupFailed, Message, PromptGroup, Rollout, ScoredGroup, TrainGroup
 from schemas.stack import write_stack_toml
 from transport.record import read_messages
 
@@ -50,14 +50,16 @@ SKIP_FRACTION = 0.2
 
 
 def group_id_of(msg: Message) -> str | None:
-    """The group a work message is about (PromptGroup, Rollout, ScoredGroup, TrainGroup,
-    GroupFailed), or None for anything else."""
-    for _ in range(4):
-        if msg is None:
-            return None
-        if hasattr(msg, "group_id"):
+    """The group a work message is about, or None for any other message."""
+    match msg:
+        case PromptGroup() | GroupFailed():
             return msg.group_id
-        msg = getattr(msg, "group", None) or getattr(msg, "rollout", None) or getattr(msg, "scored", None)
+        case Rollout():
+            return msg.group.group_id
+        case ScoredGroup():
+            return msg.rollout.group.group_id
+        case TrainGroup():
+            return msg.scored.rollout.group.group_id
     return None
 
 
