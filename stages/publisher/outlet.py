@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -52,9 +54,11 @@ from stages.publisher.senders import make_sender, staging_device
 EPOCH_FILE = "learner_epoch"
 
 SLOW_PUBLISH_S = 10.0
-"""A publish slower than this logs where its time went (gathering, the canary, waiting for
-the engines to release the previous version's CUDA buffers, staging) and the newest
-``WeightsReady`` the learner has seen: a GPU stack once stalled inside a publish with
+"""A publish still running after this long logs the phase it is in (gathering, the canary,
+staging, which includes waiting for the engines to release the previous version's CUDA
+buffers; sending the offer), the newest ``WeightsReady`` the learner has seen, and writes
+every thread's stack to the replica's ``.out`` log, once per publish; one that finishes
+slower than this logs where its time went. A GPU stack once stalled inside a publish with
 nothing in any log. A normal publish takes well under a second, even for 1.7B."""
 
 CANARY_EVERY_VERSIONS = 10
@@ -101,6 +105,8 @@ class WeightOutlet:
         """(version, monotonic time) of the newest own-epoch ``WeightsReady`` (cuda_ipc)."""
         self._canaried = False
         """Whether this incarnation has sent a canary yet (its first offer carries one)."""
+        self.phase = "idle"
+        """What the running publish is doing (gather, canary, stage, send), for the watchdog."""
         if rank == 0:
             self.offers = transport.push(ctx.endpoints["publish"], bind=False, sender=ctx.name, name="publish")
             ctx._channels.append(self.offers)
@@ -122,16 +128,40 @@ class WeightOutlet:
 
     async def publish(self, learner: Any) -> None:
         """Collective: every rank calls it after the step whose weights are to be published."""
+        watchdog = asyncio.get_running_loop().call_later(SLOW_PUBLISH_S, self._report_stuck, learner.version,
+                                                         time.monotonic())
+        try:
+            await self._publish(learner)
+        finally:
+            watchdog.cancel()
+            self.phase = "idle"
+
+    def _report_stuck(self, version: int, t0: float) -> None:
+        """The watchdog: the publish of ``version`` has run ``SLOW_PUBLISH_S``; say where."""
+        sender = self.sender
+        self.ctx.log.warning("publish still running", version=version, phase=self.phase,
+                             running_s=round(time.monotonic() - t0, 3),
+                             pending=getattr(sender, "_pending", None), settled=getattr(sender, "_settled", None),
+                             ready_seen=None if self.ready_seen is None else
+                             (self.ready_seen[0], round(time.monotonic() - self.ready_seen[1], 3)),
+                             stacks="written to the replica's .out log")
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+    async def _publish(self, learner: Any) -> None:
         t0 = time.monotonic()
+        self.phase = "gather"
         params = await asyncio.to_thread(learner.full_parameters, self.engine_dtype, self.device)
         t_gathered = time.monotonic()
         canary = None  # the same decision on every rank: the forward is collective under FSDP
         if not self._canaried or learner.version % CANARY_EVERY_VERSIONS == 0:
+            self.phase = "canary"
             canary = await asyncio.to_thread(teacher_forced_logprobs, learner.model, self.canary, learner.device)
             self._canaried = True
         if self.rank != 0:
             return
         t_canary = time.monotonic()
+        self.phase = "stage"
         offer = await asyncio.to_thread(self.sender.stage, params, learner.version)  # waits for the last transfer
         del params  # in the sender's buffers now; on the GPU it would hold a second copy of the model
         t_staged = time.monotonic()
@@ -151,6 +181,7 @@ class WeightOutlet:
         self._reported = last
         offer = msgspec.structs.replace(offer, canary_ids=None if canary is None else self.canary,
                                         canary_logprobs=canary, learner_epoch=self.epoch)
+        self.phase = "send"
         await self.offers.send(offer)
         self.sender.deliver()
 

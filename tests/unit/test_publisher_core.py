@@ -120,3 +120,49 @@ def test_next_learner_epoch_grows_with_every_start(tmp_path):
     assert [next_learner_epoch(tmp_path) for _ in range(3)] == [1, 2, 3]
     assert (tmp_path / EPOCH_FILE).read_text().strip() == "3"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_publish_that_hangs_reports_its_phase_and_every_threads_stack(monkeypatch, capfd):
+    """The watchdog fires while the publish is still stuck (not after it returns): a GPU
+    stack once stalled inside a publish with nothing in any log."""
+    import asyncio
+    import threading
+
+    from stages.publisher import outlet as outlet_mod
+
+    class Log:
+        def __init__(self) -> None:
+            self.lines: list[tuple[str, dict]] = []
+
+        def warning(self, event: str, **kw) -> None:
+            self.lines.append((event, kw))
+
+    release = threading.Event()
+
+    class StuckLearner:
+        version = 7
+
+        def full_parameters(self, dtype, device):
+            release.wait(5.0)  # stands in for a gather (or a settle wait) that does not return
+            return {}
+
+    monkeypatch.setattr(outlet_mod, "SLOW_PUBLISH_S", 0.05)
+    out = outlet_mod.WeightOutlet.__new__(outlet_mod.WeightOutlet)
+    out.ctx = type("Ctx", (), {"log": Log()})()
+    out.rank, out.sender, out.ready_seen, out._canaried, out.phase = 1, None, None, True, "idle"
+    out.engine_dtype, out.device = None, None
+
+    async def scenario() -> list:
+        task = asyncio.ensure_future(out.publish(StuckLearner()))
+        await asyncio.sleep(0.5)
+        seen = list(out.ctx.log.lines)  # reported while the publish is still running
+        assert not task.done()
+        release.set()
+        await task
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [(e, kw["version"], kw["phase"]) for e, kw in seen] == [("publish still running", 7, "gather")]
+    assert seen[0][1]["running_s"] >= 0.05
+    assert "full_parameters" in capfd.readouterr().err  # the stuck thread's stack
+    assert out.phase == "idle"
