@@ -146,7 +146,7 @@ def test_a_publish_that_hangs_reports_its_phase_and_every_threads_stack(monkeypa
             release.wait(5.0)  # stands in for a gather (or a settle wait) that does not return
             return {}
 
-    monkeypatch.setattr(outlet_mod, "SLOW_PUBLISH_S", 0.05)
+    monkeypatch.setattr(outlet_mod, "SLOW_PUBLISH_S", 0.05)  # _canaried: not the first publish
     out = outlet_mod.WeightOutlet.__new__(outlet_mod.WeightOutlet)
     out.ctx = type("Ctx", (), {"log": Log()})()
     out.rank, out.sender, out.ready_seen, out._canaried, out.phase = 1, None, None, True, "idle"
