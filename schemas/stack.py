@@ -42,6 +42,12 @@ class RunSection(msgspec.Struct, **_CFG):
     """Seconds a stop (Ctrl-C, SIGTERM, ``--max-steps``) may take before stages are killed:
     most of it is the drain, in which the learner writes its final checkpoint (model and
     AdamW state: ~7 GB for a 0.6B model in fp32). ``pipeline up --shutdown-timeout`` overrides."""
+    worker_nice: int | None = None
+    """Scheduling niceness (0-19) of the stages that can run ahead of the learner: source,
+    rollout, reward and logprob. With ``max_staleness > 0`` the learner is the stack's
+    critical path, and those stages have slack (they wait at the staleness gate); where they
+    share CPU cores with it, they should yield the CPU to it. None: 19 when the learner
+    trains on the CPU, else 0 (off)."""
 
 
 class ModelSection(msgspec.Struct, **_CFG):
@@ -198,6 +204,8 @@ class Stack(msgspec.Struct, **_CFG):
             fail("run.max_staleness", "must be >= 0")
         if self.run.shutdown_timeout_s <= 0:
             fail("run.shutdown_timeout_s", "must be > 0")
+        if self.run.worker_nice is not None and not 0 <= self.run.worker_nice <= 19:
+            fail("run.worker_nice", "must be in 0..19 (a stage may only lower its own priority)")
         if self.source.group_size < 2 and self.learner.loss == "grpo":
             fail("source.group_size", "GRPO needs at least 2 samples per group")
         if self.learner.kl_coef > 0 and not self.logprob.reference:

@@ -38,6 +38,12 @@ def received(run_dir: Path) -> list[str]:
     return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
 
 
+def niceness(pid: int) -> tuple[int, str]:
+    """(the process's nice, its autogroup's line or "" where the kernel has none)."""
+    group = Path(f"/proc/{pid}/autogroup")
+    return os.getpriority(os.PRIO_PROCESS, pid), group.read_text().split()[-1] if group.exists() else ""
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -56,9 +62,15 @@ async def test_killed_replica_is_restarted_and_the_stack_goes_on(tmp_path, monke
     async def scenario(sup):
         run = tmp_path / "run"
         await wait_until(lambda: len(received(run)) > 20, 60, "first items")
-        victim = sup.pids()["rollout/1"]
+        # The learner trains on the CPU: stages that can run ahead of it yield the CPU.
+        pids = sup.pids()
+        assert niceness(pids["learner/0"])[0] == 0 and niceness(pids["publisher/0"])[0] == 0
+        for name in ("source/0", "rollout/0", "rollout/1", "reward/0", "logprob/0"):
+            assert niceness(pids[name])[0] == 19 and niceness(pids[name])[1] in ("", "19"), name
+        victim = pids["rollout/1"]
         os.kill(victim, signal.SIGKILL)
         await wait_until(lambda: sup.pids().get("rollout/1") not in (None, victim), 30, "restart")
+        assert niceness(sup.pids()["rollout/1"])[0] == 19  # a restarted replica too
         before = len(received(run))
         await wait_until(lambda: len(received(run)) > before + 20, 60, "progress after restart")
         assert sum(len(r.restarts) for r in sup.replicas["rollout"]) == 1

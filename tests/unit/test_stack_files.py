@@ -36,3 +36,22 @@ def test_a_written_variant_loads_back_equal_but_for_the_run_fields_set(path, tmp
 def test_nested_tables_are_refused(tmp_path):
     with pytest.raises(ValueError, match="nested"):
         write_stack_toml({"rollout": {"engine_args": {"a": 1}}}, tmp_path / "v.toml")
+
+
+def test_worker_nice_yields_the_cpu_to_a_cpu_learner_only(tmp_path):
+    from pipeline.supervisor import WORKER_NICE_ON_CPU, worker_nice
+    from schemas.stack import StackError
+
+    cpu = load_stack(DEFAULT)
+    assert cpu.learner.device == "cpu" and cpu.run.worker_nice is None
+    assert {k: worker_nice(cpu, k) for k in ("source", "rollout", "reward", "logprob", "learner", "publisher")} == {
+        "source": WORKER_NICE_ON_CPU, "rollout": WORKER_NICE_ON_CPU, "reward": WORKER_NICE_ON_CPU,
+        "logprob": WORKER_NICE_ON_CPU, "learner": 0, "publisher": 0}
+    gpu = load_stack(ROOT / "ops" / "gpu.toml")
+    assert worker_nice(gpu, "rollout") == 0  # vLLM's scheduler shares no cores with a busy learner there
+    raw = tomllib.loads(DEFAULT.read_text())
+    raw["run"]["worker_nice"] = 5
+    assert worker_nice(load_stack(write_stack_toml(raw, tmp_path / "n5.toml")), "reward") == 5
+    raw["run"]["worker_nice"] = -1
+    with pytest.raises(StackError, match="run.worker_nice"):
+        load_stack(write_stack_toml(raw, tmp_path / "bad.toml"))
