@@ -10,7 +10,7 @@ between them: start-up (vLLM's start, the learner's build) and the first steps a
 since they hold one-time costs (on an H200 the first compiled learner step took 114 s and the
 gap to the second 11.8 s, against ~1.1 s later; a window that kept them made the sync run
 look 3.8x slower than async). ``step_s_median`` is the median time between steps in that
-window. Each run is bounded by ``--timeout`` seconds; a run that does not finish reports how
+window; ``wait_s``/``train_s``/``publish_s_median`` split the learner's step (its own metrics). Each run is bounded by ``--timeout`` seconds; a run that does not finish reports how
 many steps it made. Each run's stage logs (the last ``LOG_TAIL_BYTES`` of each, in one file
 per run: the GPU lane brings back few files) are kept in ``--logs`` (default ``$OUT`` on the
 GPU lane), so a failed run can be read afterwards. Last line:
@@ -41,6 +41,11 @@ learner time for its final checkpoint, which this bench does not need."""
 LOG_TAIL_BYTES = 256 * 1024
 """Per stage log kept: the end holds the failure; whole logs of a long run would not all
 come back from the GPU machine (its files travel under a size limit)."""
+
+
+LEARNER_TIMES = ("wait_s", "train_s", "publish_s")
+"""The learner's per-step split (``stages/learner/main.py``), reported as medians: async on
+one GPU ran 1.3x sync, while its learner's compiled step alone is ~0.65 s of ~1.0 s."""
 
 
 def keep_logs(run_dir: Path, dest: Path) -> None:
@@ -88,6 +93,12 @@ def run(stack: Path, run_dir: Path, steps: int, timeout: float, per_step: int, w
         res.update(samples_per_s=sum(r.get("samples", per_step) for r in window[1:]) / elapsed, seconds=elapsed,
                    step_s_median=gaps[len(gaps) // 2],
                    staleness_mean=sum(r.get("staleness_mean", 0.0) for r in window) / len(window))
+        # Where the learner's step went (its own metrics): waiting for data (overlapping the
+        # previous publish), training, and the previous step's weight publish.
+        for key in LEARNER_TIMES:
+            vals = sorted(r[key] for r in window if key in r)
+            if vals:
+                res[f"{key}_median"] = round(vals[len(vals) // 2], 4)
     if rc != 0 or len(window) < 2:
         res["tail"] = out[-3000:]
     return res

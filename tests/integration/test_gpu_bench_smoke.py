@@ -3,6 +3,7 @@
 ``ops/stack.toml``. A broken bench should fail here, not after a GPU machine was started
 for it. The figures of these runs mean nothing."""
 
+import json
 import re
 import subprocess
 import sys
@@ -35,6 +36,9 @@ def test_gpu_stack_bench_runs_both_modes_on_the_cpu_stack(tmp_path):
     m = re.search(r"^bench gpu_stack: sync_samples_per_s=([\d.]+) async_samples_per_s=([\d.]+) speedup=[\d.]+ "
                   r"steps=4 warmup=1 stack=stack\.toml$", out, re.M)
     assert m and float(m[1]) > 0 and float(m[2]) > 0, out[-3000:]
+    for staleness in (0, 2):  # the learner's step split, from its own metrics
+        run = json.loads(re.search(rf"^max_staleness={staleness}: (.*)$", out, re.M)[1])
+        assert run["train_s_median"] > 0 and run["wait_s_median"] >= 0 and run["publish_s_median"] >= 0, run
     for mode in ("s0", "s2"):
         kept = (tmp_path / f"stack-logs-{mode}.txt").read_text()
         assert "===== rollout-0.jsonl" in kept and "stage started" in kept
