@@ -45,7 +45,8 @@ come back from the GPU machine (its files travel under a size limit)."""
 
 LEARNER_TIMES = ("wait_s", "train_s", "publish_s")
 """The learner's per-step split (``stages/learner/main.py``), reported as medians: async on
-one GPU ran 1.3x sync, while its learner's compiled step alone is ~0.65 s of ~1.0 s."""
+one GPU ran only 1.3x sync (~1.0 s a step against ~1.3 s); the split says whether the learner
+or its supply of data set that pace."""
 
 
 def keep_logs(run_dir: Path, dest: Path) -> None:
