@@ -162,6 +162,12 @@ class LearnerSection(msgspec.Struct, **_CFG):
     compile_layers: bool = False
     """``torch.compile`` each decoder layer (dynamic shapes): fewer, fused kernels, after a
     one-off compile of tens of seconds in the first steps. For GPU learners."""
+    async_checkpoint: bool = False
+    """Periodic checkpoints copy the state to host memory and write it in the background
+    while training goes on (DCP ``async_save`` over a gloo group of its own); a checkpoint
+    counts (``COMPLETE``, resume point, the source's ``checkpoint_step``) only once written.
+    Pays where the write is long (GB-sized learners); on the tiny CPU default its CPU work
+    competes with training. The final checkpoint of a drain is always waited for."""
 
 
 class PublisherSection(msgspec.Struct, **_CFG):

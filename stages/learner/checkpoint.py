@@ -15,6 +15,16 @@ Invariants and failure behaviour:
   crashed attempt mixes with the new one.
 - After a save, only the newest ``keep`` complete checkpoints remain.
 - Saving and loading are collectives: every rank calls them, in the same order.
+
+Background saves (``save_async`` → ``PendingSave.finish``): the state is copied to host
+memory before ``save_async`` returns (DCP's default stager), so training may change the
+parameters at once; the write and DCP's own collectives run in a thread over ``group``, a
+gloo group used for nothing else (never interleaved with training's collectives). Rank 0's
+write finishes only after DCP gathered every rank's write results and wrote the metadata,
+so rank 0 writes ``COMPLETE`` when its own future is done, with no barrier. At most one
+save is in flight: every rank finishes the previous one before starting the next, so the
+gloo group's collectives come in the same order everywhere. A failed write raises from
+``finish``; a crash before it leaves a directory without ``COMPLETE`` (never loaded).
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,23 +57,72 @@ def latest_complete(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _prepare(path: Path) -> None:
+    """Clear a partial directory of this step (rank 0), then every rank goes on together."""
+    if dist.get_rank() == 0 and path.exists():
+        shutil.rmtree(path)
+    dist.barrier()
+
+
+def _complete(root: Path, path: Path, step: int, trainer_state: dict, keep: int) -> None:
+    """Rank 0, once every shard and the metadata are written: trainer state, marker, prune."""
+    if dist.get_rank() == 0:
+        _write_durably(path / TRAINER_FILE, json.dumps(trainer_state))
+        _write_durably(path / MARKER, f"step {step}\n")
+        _prune(Path(root), path, keep)
+
+
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          trainer_state: dict, keep: int) -> Path:
     path = step_dir(root, step)
     if (path / MARKER).exists():
         return path
-    if dist.get_rank() == 0 and path.exists():
-        shutil.rmtree(path)
-    dist.barrier()
+    _prepare(path)
     msd, osd = get_state_dict(model, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
     dist.barrier()
-    if dist.get_rank() == 0:
-        _write_durably(path / TRAINER_FILE, json.dumps(trainer_state))
-        _write_durably(path / MARKER, f"step {step}\n")
-        _prune(Path(root), path, keep)
+    _complete(root, path, step, trainer_state, keep)
     dist.barrier()
     return path
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint being written in the background (``save_async``)."""
+
+    root: Path
+    path: Path
+    step: int
+    trainer_state: dict
+    """Taken when the save started: it describes the state being written."""
+    keep: int
+    future: Future | None
+    """DCP's write; None when the step already had a complete checkpoint."""
+
+    def done(self) -> bool:
+        """Whether this rank's write has finished (``finish`` would not block)."""
+        return self.future is None or self.future.done()
+
+    def finish(self) -> Path:
+        """Every rank: wait for this rank's write (raising its error); rank 0 then marks the
+        checkpoint complete. No collective: ranks may finish at different times."""
+        if self.future is not None:
+            self.future.result()
+            _complete(self.root, self.path, self.step, self.trainer_state, self.keep)
+            self.future = None
+        return self.path
+
+
+def save_async(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               trainer_state: dict, keep: int, group: dist.ProcessGroup) -> PendingSave:
+    """Collective: stage the state in host memory and start writing it in the background."""
+    path = step_dir(root, step)
+    if (path / MARKER).exists():
+        return PendingSave(Path(root), path, step, trainer_state, keep, None)
+    _prepare(path)
+    msd, osd = get_state_dict(model, optimizer)
+    future = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(path), process_group=group)
+    return PendingSave(Path(root), path, step, trainer_state, keep, future)
 
 
 def _write_durably(target: Path, text: str) -> None:

@@ -77,6 +77,8 @@ class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``torch.compile`` each decoder layer with dynamic shapes (``stages.learner.fsdp``)."""
     mixed_precision: bool | None = None
     """bf16 compute with fp32 master weights and fp32 gradient reduction; None: on for CUDA, off for CPU."""
+    async_checkpoint: bool = False
+    """``save_checkpoint(wait=False)`` writes in the background (``checkpoint.save_async``)."""
 
     @classmethod
     def from_section(cls, section: LearnerSection, *, model: str, run_dir: str, max_staleness: int,
@@ -90,7 +92,7 @@ class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                    groups_per_step=section.groups_per_step, max_staleness=max_staleness, run_dir=str(run_dir),
                    checkpoint_every=section.checkpoint_every, keep_last=section.keep_checkpoints, seed=seed,
                    activation_checkpointing=section.activation_checkpointing,
-                   compile_layers=section.compile_layers)
+                   compile_layers=section.compile_layers, async_checkpoint=section.async_checkpoint)
 
     def validate(self) -> LearnerConfig:
         """Raise ``ValueError`` on the first violated rule; returns self for chaining."""

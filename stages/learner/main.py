@@ -10,7 +10,9 @@ parameters and the canary forward on every rank, then rank 0's sender for
 collects the next batch. Every rank waits for that publish before the next collective (the
 batch broadcast or a checkpoint), so collectives keep one order on all ranks and the
 publish has read the parameters before the next step changes them. Blocking torch work
-runs in a thread so heartbeats keep flowing.
+runs in a thread so heartbeats keep flowing. With ``learner.async_checkpoint`` a periodic
+checkpoint is written in the background; the first step that ends after its write marks
+it complete, and only then does its step reach the source as ``checkpoint_step``.
 
 Drain (SIGTERM or ``Control(DRAIN)``): rank 0 finishes the step in progress, broadcasts a
 stop, every rank checkpoints (collective) and exits. Start: the newest complete checkpoint
@@ -156,6 +158,8 @@ async def run(ctx: StageContext) -> None:
             ctx.weight_version = learner.version
             ctx.processed += len(batch.groups)
             ctx.in_flight = 0
+            if learner.checkpoint_written():  # a background checkpoint is on disk: mark it
+                await asyncio.to_thread(learner.finish_checkpoint)  # complete (this report carries it)
             if rank == 0:
                 n_samples = sum(len(g.scored.rollout.samples) for g in batch.groups)
                 metrics = dict(result.metrics, samples=float(n_samples),
@@ -177,8 +181,9 @@ async def run(ctx: StageContext) -> None:
                 publishing = asyncio.ensure_future(publish_timed())
             if s.learner.checkpoint_every and result.step % s.learner.checkpoint_every == 0:
                 await settle_publish()
-                await asyncio.to_thread(learner.save_checkpoint)  # collective
-                if rank == 0:  # the source may now forget groups this checkpoint covers
+                # collective; async_checkpoint: the write goes on in the background
+                if await asyncio.to_thread(learner.save_checkpoint, False) and rank == 0:
+                    # the source may now forget groups this checkpoint covers
                     await progress.send(report(learner.step, learner.version))
         await asyncio.to_thread(learner.save_checkpoint)  # the loop left after settle_publish
         if rank == 0:

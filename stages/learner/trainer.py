@@ -136,6 +136,9 @@ class Learner:
         copy of them (a lease reissue already in flight) is a duplicate, so each issued
         group ends in exactly one terminal state."""
         self.dropped_counts = {"duplicate": 0, "stale": 0, "failed": 0, "invalid": 0}
+        self._ckpt_group = dist.new_group(backend="gloo") if cfg.async_checkpoint else None
+        """Background checkpoints' own gloo group (made by every rank, in the same order)."""
+        self._pending_save: ckpt.PendingSave | None = None
 
     # ------------------------------------------------------------------ admission (rank 0)
     def admit(self, groups: list[TrainGroup | GroupFailed], in_step: set[str] = frozenset()
@@ -273,11 +276,33 @@ class Learner:
                 "consumed": sorted(self.consumed), "terminal": sorted(self.terminal),
                 "dropped_counts": self.dropped_counts}
 
-    def save_checkpoint(self) -> Path:
-        """Collective DCP save of model, optimizer, scheduler, step, version, consumed ids."""
-        path = ckpt.save(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
-                         self.trainer_state(), self.cfg.keep_last)
-        self.checkpoint_step = self.step
+    def save_checkpoint(self, wait: bool = True) -> Path | None:
+        """Collective DCP save of model, optimizer, scheduler, step, version, consumed ids.
+        With ``async_checkpoint`` and ``wait=False`` the write goes on in the background and
+        None is returned: ``checkpoint_step`` moves when ``finish_checkpoint`` completes it.
+        A save first finishes the previous one (one in flight)."""
+        self.finish_checkpoint()
+        root = self.run_dir / "checkpoints"
+        if self._ckpt_group is None:
+            path = ckpt.save(root, self.step, self.model, self.optimizer, self.trainer_state(), self.cfg.keep_last)
+            self.checkpoint_step = self.step
+            return path
+        self._pending_save = ckpt.save_async(root, self.step, self.model, self.optimizer, self.trainer_state(),
+                                             self.cfg.keep_last, self._ckpt_group)
+        return self.finish_checkpoint() if wait else None
+
+    def checkpoint_written(self) -> bool:
+        """Whether a background checkpoint waits only for ``finish_checkpoint`` (this rank)."""
+        return self._pending_save is not None and self._pending_save.done()
+
+    def finish_checkpoint(self) -> Path | None:
+        """Complete the background checkpoint, waiting for its write; None if there is none.
+        Not a collective (rank 0 writes the marker); raises if the write failed."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is None:
+            return None
+        path = pending.finish()
+        self.checkpoint_step = pending.step
         return path
 
     def resume(self) -> bool:

@@ -7,6 +7,7 @@ in this process on a 1-rank gloo group.
 """
 
 import tempfile
+import time
 from pathlib import Path
 
 import msgspec
@@ -25,6 +26,7 @@ from stages.model import build_model
 from stages.testing import make_train_group, run_world
 
 CFG = LearnerConfig(lr=1e-2, micro_batch_tokens=256, weight_decay=0.1, warmup_steps=2, max_staleness=2)
+ASYNC_CFG = msgspec.structs.replace(CFG, async_checkpoint=True)
 RANK_THREADS = 1
 """Two ranks on two shared cores: one compute thread each avoids oversubscription."""
 
@@ -66,6 +68,16 @@ def _first_world(run_dir):
             out["after_2"] = params(learner)
         if s == 2:
             learner.save_checkpoint()  # reads state only: the straight run goes on unchanged
+            out["after_3"] = params(learner)
+    # The same 3 steps with a background checkpoint after them, then a 4th step while its
+    # write may still run: the checkpoint must hold the state of step 3.
+    background = Learner(ASYNC_CFG, run_dir=str(Path(run_dir) / "async"))
+    for s in range(3):
+        background.train_step(batch(s))
+    assert background.save_checkpoint(wait=False) is None and background.checkpoint_step == -1
+    background.train_step(batch(3))
+    background.finish_checkpoint()
+    assert background.checkpoint_step == 3
     out["after_6"], out["version_6"], out["consumed_6"] = params(learner), learner.version, sorted(learner.consumed)
     before = local_state(learner)
     skipped = learner.train_step(batch(6), corrupt_grads=dist.get_rank() == 1)
@@ -83,6 +95,9 @@ def _second_world(run_dir):
     for s in range(3, 6):
         learner.train_step(batch(s))
     out = {"after_6": params(learner), "version_6": learner.version, "consumed_6": sorted(learner.consumed)}
+    background = Learner(ASYNC_CFG, run_dir=str(Path(run_dir) / "async"))
+    assert background.resume() and background.step == 3 and background.version == 3
+    out["async_resumed"] = params(background)
     moe_cfg = LearnerConfig(model="tiny-moe", lr=1e-3, micro_batch_tokens=128, activation_checkpointing=True,
                             run_dir=str(Path(run_dir) / "moe"))
     moe = Learner(moe_cfg)
@@ -164,6 +179,43 @@ def test_skip_leaves_lr_schedule_unchanged(one_rank, tmp_path):
     assert result.skipped and result.version == 0 and result.step == 1
     assert before == learner.scheduler.state_dict() and learner.scheduler.get_last_lr() == [CFG.lr / CFG.warmup_steps]
     assert not learner.optimizer.state  # AdamW never stepped: no moments, no step count
+
+
+def test_two_ranks_resume_a_background_checkpoint_at_the_state_it_was_taken(worlds):
+    first, second = worlds
+    for name, arr in first[0]["after_3"].items():  # rank 0 holds the full parameters
+        np.testing.assert_array_equal(second[0]["async_resumed"][name], arr)
+
+
+def test_background_checkpoint_counts_only_once_written(one_rank, tmp_path, monkeypatch):
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    write = FileSystemWriter.write_data
+
+    def late_write(self, *a, **kw):  # the write starts only after the next step changed the weights
+        time.sleep(0.5)
+        return write(self, *a, **kw)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", late_write)
+    learner = Learner(ASYNC_CFG, run_dir=tmp_path)
+    learner.train_step(batch(0))
+    snapshot = params(learner)
+    assert learner.save_checkpoint(wait=False) is None
+    assert learner.checkpoint_step == -1  # not on disk yet as far as anyone may rely on
+    learner.train_step(batch(1))  # changes the parameters while the write may still run
+    path = learner.finish_checkpoint()
+    assert (path / ckpt.MARKER).exists() and learner.checkpoint_step == 1
+    assert learner.finish_checkpoint() is None and not learner.checkpoint_written()
+    fresh = Learner(ASYNC_CFG, run_dir=tmp_path)
+    assert fresh.resume() and fresh.step == 1
+    for name, arr in snapshot.items():
+        np.testing.assert_array_equal(params(fresh)[name], arr)
+    # A waited save (the drain's) is complete on return; it finished the one before first.
+    learner.save_checkpoint(wait=False)
+    learner.train_step(batch(2))
+    done = learner.save_checkpoint()
+    assert done.name == "step-000003" and learner.checkpoint_step == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
 
 
 def test_checkpoint_without_marker_is_ignored(one_rank, tmp_path):
