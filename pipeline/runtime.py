@@ -11,6 +11,9 @@ Invariants and failure behaviour:
   stderr); every line carries ``stage`` and ``replica``.
 - A heartbeat goes to the supervisor every second with the context's counters; its state is
   ``starting`` until the stage opens its first channel (engine and model built).
+- A stage started with ``WORKER_NICE_VAR`` = N > 0 lowers its priority to niceness N
+  (``lower_priority``) when it opens its first channel: its imports and model build run at
+  the priority it was started with, its work after that yields the CPU to the learner.
 - An event loop held for ``LOOP_STALL_DUMP_S`` (so no heartbeats) gets every thread's stack
   written to the replica's ``.out`` log, once per stall, by faulthandler's own C thread
   (it needs no GIL, so it fires even while the loop's thread is stuck in C code).
@@ -115,6 +118,8 @@ class StageContext:
 
     # ------------------------------------------------------------------ channels
     def _keep(self, ch: Any, stream: str) -> Any:
+        if not self.started:
+            lower_priority(int(os.environ.get(WORKER_NICE_VAR, "0")))
         self.started = True
         self._channels.append(ch)
         if stream in self.stack.run.record and hasattr(ch, "taps"):
@@ -229,6 +234,23 @@ class StageContext:
 
 SUPERVISOR_PID_VAR = "CONVEYOR_SUPERVISOR_PID"
 """Set by the supervisor for each child: the pid the child must outlive no longer than."""
+
+
+WORKER_NICE_VAR = "CONVEYOR_WORKER_NICE"
+"""Niceness a stage takes once started (set by the supervisor: ``supervisor.worker_nice``)."""
+
+
+def lower_priority(nice: int) -> None:
+    """Raise this process's niceness to ``nice``, and its session's where the kernel groups
+    sessions for scheduling (autogroup): between sessions only the group's niceness counts,
+    and every stage runs in a session of its own. Raising needs no privilege; failures
+    leave the priority as it was."""
+    if nice <= 0:
+        return
+    with contextlib.suppress(OSError):
+        os.nice(nice - os.nice(0))
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
+        f.write(str(nice))
 
 
 def set_parent_death_signal() -> None:

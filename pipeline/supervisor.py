@@ -7,9 +7,10 @@ Invariants and failure behaviour:
 - Every child is tracked by pid, started with ``python -m pipeline.stage`` in its own
   process group (session), and dies with the supervisor (PR_SET_PDEATHSIG armed before
   exec, plus the stage runtime's parent watchdog). Nothing is ever killed by name.
-- Stages that can run ahead of the learner (source, rollout, reward, logprob) start at
-  niceness ``worker_nice`` (19 by default when the learner trains on the CPU), their session
-  too: the learner, the async stack's critical path, is never preempted by work with slack.
+- Stages that can run ahead of the learner (source, rollout, reward, logprob) run at
+  niceness ``worker_nice`` (19 by default when the learner trains on the CPU) once started
+  (``pipeline.runtime.lower_priority``): the learner, the async stack's critical path, is
+  never preempted by work with slack, and no start is starved into a heartbeat timeout.
 - A replica that exits without being asked to (any code), or is silent past the heartbeat
   timeout (``STARTING_TIMEOUT_S`` while its heartbeats say ``starting``; then SIGKILLed
   with its process group, so an engine core it started goes too), is restarted after an
@@ -36,8 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import functools
 import json
 import os
 import signal
@@ -53,7 +52,7 @@ import structlog
 import transport
 from pipeline import endpoints as ep
 from pipeline.runtime import (
-    SPAWNED_AT_VAR, SUPERVISOR_PID_VAR, configure_logging, set_parent_death_signal, write_stack,
+    SPAWNED_AT_VAR, SUPERVISOR_PID_VAR, WORKER_NICE_VAR, configure_logging, set_parent_death_signal, write_stack,
 )
 from schemas.messages import (
     Control, ControlCommand, Heartbeat, Metrics, ScaleRequest, StageStatus, StatusReply, StatusRequest,
@@ -106,25 +105,6 @@ def worker_nice(stack: Stack, kind: str) -> int:
     if stack.run.worker_nice is not None:
         return stack.run.worker_nice
     return WORKER_NICE_ON_CPU if stack.learner.device == "cpu" else 0
-
-
-def lower_priority(nice: int) -> None:
-    """Raise this process's niceness to ``nice``, and its session's where the kernel groups
-    sessions for scheduling (autogroup): between sessions only the group's niceness counts,
-    and every stage runs in a session of its own. Raising needs no privilege; failures
-    leave the priority as it was."""
-    if nice <= 0:
-        return
-    with contextlib.suppress(OSError):
-        os.nice(nice - os.nice(0))
-    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
-        f.write(str(nice))
-
-
-def _prepare_child(nice: int) -> None:
-    """``preexec_fn`` of every stage process (after ``setsid``, before exec)."""
-    set_parent_death_signal()
-    lower_priority(nice)
 
 
 def usable_cores() -> int:
@@ -227,12 +207,13 @@ class Supervisor:
         env[SUPERVISOR_PID_VAR] = str(os.getpid())
         env[SPAWNED_AT_VAR] = repr(time.time())
         nice = worker_nice(self.stack, r.kind)
+        env[WORKER_NICE_VAR] = str(nice)
         with open(logs / f"{r.kind}-{r.index}.out", "ab") as out:
             r.proc = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.stage", target, "--run-dir", str(self.run_dir),
                  "--replica", str(r.index), "--name", r.kind],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                preexec_fn=functools.partial(_prepare_child, nice))  # before exec: no window during imports
+                preexec_fn=set_parent_death_signal)  # armed before exec: no window during imports
         r.started_at = time.monotonic()
         self.health.forget(r.name)
         log.info("spawned", replica=r.name, pid=r.proc.pid, target=target, nice=nice)
