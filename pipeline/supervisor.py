@@ -94,8 +94,8 @@ WORKER_NICE_ON_CPU = 19
 """``run.worker_nice`` when the learner trains on the CPU: Linux gives a nice-0 task ~98 % of
 a core against one nice-19 task, so no work that has slack preempts the learner's step,
 while a core the learner leaves idle goes to the workers at once. On the 2-core default
-stack async kept 1.8 of 2 cores busy with it and 1.5-1.6 without; async/sync over five
-pairs 1.15-1.57 (median 1.34) against 0.97-1.24 (median 1.17) over four without."""
+stack async kept 1.8 of 2 cores busy with it and 1.5-1.6 without; async/sync over nine
+pairs 1.15-1.57 (median 1.38) against 0.97-1.24 (median 1.17) over four without."""
 
 
 def worker_nice(stack: Stack, kind: str) -> int:
