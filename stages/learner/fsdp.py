@@ -154,7 +154,9 @@ def full_parameters(model: torch.nn.Module, dtype: torch.dtype = torch.float32,
     ``dtype`` on ``device``; other ranks get {}.
 
     ``device`` None or CPU: the host path (``get_model_state_dict`` with ``cpu_offload``;
-    what the ``shm`` sender packs). Any other device: ``gather_full_parameters``, which
+    what the ``shm`` sender packs). On either path no returned tensor shares storage with
+    the model's (a one-rank CPU gather of an fp32 model would hand out the parameters
+    themselves): the caller may read them while the next step changes the model. Any other device: ``gather_full_parameters``, which
     keeps the state off the host (``cuda_ipc``/``nccl`` senders copy it into their CUDA
     buckets). The two paths run different collectives, so every rank must pass the same
     kind of device (the outlet derives it from the stack, ``senders.staging_device``)."""
@@ -163,8 +165,13 @@ def full_parameters(model: torch.nn.Module, dtype: torch.dtype = torch.float32,
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return {}
-    names = [n for n, _ in model.named_parameters()]
-    return {n: sd[n].to(dtype) for n in names}
+    live = {p.to_local().untyped_storage().data_ptr() if isinstance(p, DTensor) else p.untyped_storage().data_ptr()
+            for p in model.parameters()}
+    out = {}
+    for n, _ in model.named_parameters():
+        t = sd[n].to(dtype)
+        out[n] = t.clone() if t.untyped_storage().data_ptr() in live else t
+    return out
 
 
 def gather_full_parameters(model: torch.nn.Module, dtype: torch.dtype,

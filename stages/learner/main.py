@@ -126,7 +126,8 @@ async def run(ctx: StageContext) -> None:
         async def settle_publish() -> None:
             """Every rank, before the next collective (batch broadcast, checkpoint): the
             publish's own collectives then come in the same order everywhere, and it read
-            the parameters before the next step changes them."""
+            the parameters before the next step changes them. Rank 0's staging and offer
+            of that version may still run (``outlet.shipping``) beside the next step."""
             nonlocal publishing, publish_s
             if publishing is not None:
                 publish_s = await publishing
@@ -170,7 +171,8 @@ async def run(ctx: StageContext) -> None:
                                dropped_invalid=float(learner.dropped_counts["invalid"]),
                                # where the step's wall time went: waiting for data (the pipeline
                                # starving the learner; it overlaps the previous publish),
-                               # training, and the previous step's weight publish
+                               # training, and the previous step's weight publish (its read of
+                               # the model; rank 0's staging and offer run beside the step)
                                wait_s=t_train - t_wait, train_s=t_trained - t_train, publish_s=publish_s)
                 last_step_at = t_trained
                 await progress.send(report(result.step, result.version, result.consumed_ids))
@@ -185,6 +187,7 @@ async def run(ctx: StageContext) -> None:
                 if await asyncio.to_thread(learner.save_checkpoint, False) and rank == 0:
                     # the source may now forget groups this checkpoint covers
                     await progress.send(report(learner.step, learner.version))
+        await outlet.shipped()  # the last version's offer is out before the drain ends
         await asyncio.to_thread(learner.save_checkpoint)  # the loop left after settle_publish
         if rank == 0:
             await progress.send(report(learner.step, learner.version))

@@ -5,7 +5,10 @@ canary forward are collective); rank 0 stages the bytes with the sender the stac
 (``senders.make_sender``), attaches the canary (ids and the learner's logprobs; first offer
 and every ``CANARY_EVERY_VERSIONS``-th version) and sends
 the offer to the publisher's ``publish`` socket, then lets the sender deliver (``nccl``:
-the broadcast starts in the background while training goes on).
+the broadcast starts in the background while training goes on). ``publish`` returns once
+the model has been read (gather, canary), so the next step may start; rank 0's staging and
+offer run on beside it (``shipping``: the gathered tensors never share storage with the
+model), and the next ``publish`` waits for them before it reads again.
 
 Where the full state is gathered is the sender's choice (``senders.staging_device``, the
 same on every rank): on the host for ``shm``; on the learner's GPU for ``cuda_ipc`` and
@@ -25,8 +28,9 @@ shell puts it on every ``Progress``. Engines, the publisher and the source order
 within an epoch and let a newer epoch win (a learner resumed from an older checkpoint
 re-offers lower versions; see ``stages.rollout.weights``).
 
-Failure behaviour: a sender error (no CUDA, a full ``/dev/shm``) propagates: the learner
-stage fails and the supervisor restarts the learner group. A failed nccl transfer does not
+Failure behaviour: a sender error (no CUDA, a full ``/dev/shm``) propagates from the next
+``publish`` (or ``shipped``): the learner stage fails and the supervisor restarts the
+learner group. A failed nccl transfer does not
 raise: it is logged at the next publish (``last_error``) and the engines stay on their
 version.
 """
@@ -111,6 +115,8 @@ class WeightOutlet:
         """Whether this incarnation has sent a canary yet (its first offer carries one)."""
         self.phase = "idle"
         """What the running publish is doing (gather, canary, stage, send), for the watchdog."""
+        self.shipping: asyncio.Future | None = None
+        """Rank 0: the last publish's staging and offer, running while the learner trains."""
         if rank == 0:
             self.offers = transport.push(ctx.endpoints["publish"], bind=False, sender=ctx.name, name="publish")
             ctx._channels.append(self.offers)
@@ -131,15 +137,33 @@ class WeightOutlet:
             raise
 
     async def publish(self, learner: Any) -> None:
-        """Collective: every rank calls it after the step whose weights are to be published."""
+        """Collective: every rank calls it after the step whose weights are to be published.
+        Returns once nothing reads the model any more (the gather, the canary): the next
+        step may change the parameters. Rank 0's staging and offer go on in ``shipping``
+        while it trains; the next ``publish`` (or ``shipped``) waits for them first."""
+        await self.shipped()
         slow_s = SLOW_PUBLISH_S if self._canaried else FIRST_PUBLISH_SLOW_S
-        watchdog = asyncio.get_running_loop().call_later(slow_s, self._report_stuck, learner.version,
-                                                         time.monotonic())
+        t0 = time.monotonic()
+        watchdog = asyncio.get_running_loop().call_later(slow_s, self._report_stuck, learner.version, t0)
         try:
-            await self._publish(learner, slow_s)
-        finally:
+            params, canary = await self._read(learner)
+            t_read = time.monotonic()
+        except BaseException:
             watchdog.cancel()
             self.phase = "idle"
+            raise
+        if self.rank != 0:
+            watchdog.cancel()
+            self.phase = "idle"
+            return
+        self.shipping = asyncio.ensure_future(
+            self._ship(params, canary, learner.version, (t0, t_read), slow_s, watchdog))
+
+    async def shipped(self) -> None:
+        """Until the last publish's offer is sent (rank 0); raises what its staging raised."""
+        if self.shipping is not None:
+            shipping, self.shipping = self.shipping, None
+            await shipping
 
     def _report_stuck(self, version: int, t0: float) -> None:
         """The watchdog: the publish of ``version`` has run past its limit; say where."""
@@ -153,46 +177,55 @@ class WeightOutlet:
         with contextlib.suppress(Exception):
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
-    async def _publish(self, learner: Any, slow_s: float) -> None:
-        t0 = time.monotonic()
+    async def _read(self, learner: Any) -> tuple[dict[str, torch.Tensor], Any]:
+        """Every rank: the full parameters (own storage: ``full_parameters`` never returns
+        the model's) and, on the first offer and every ``CANARY_EVERY_VERSIONS``-th, the canary."""
         self.phase = "gather"
         params = await asyncio.to_thread(learner.full_parameters, self.engine_dtype, self.device)
-        t_gathered = time.monotonic()
         canary = None  # the same decision on every rank: the forward is collective under FSDP
         if not self._canaried or learner.version % CANARY_EVERY_VERSIONS == 0:
             self.phase = "canary"
             canary = await asyncio.to_thread(teacher_forced_logprobs, learner.model, self.canary, learner.device)
             self._canaried = True
-        if self.rank != 0:
-            return
-        t_canary = time.monotonic()
-        self.phase = "stage"
-        offer = await asyncio.to_thread(self.sender.stage, params, learner.version)  # waits for the last transfer
-        del params  # in the sender's buffers now; on the GPU it would hold a second copy of the model
-        t_staged = time.monotonic()
-        waited = getattr(self.sender, "last_wait_s", 0.0)
-        if not getattr(self.sender, "last_settled", True):
-            self.ctx.log.warning("previous version never settled: staged over its buffers after its update budget",
-                                 version=learner.version, waited_s=round(waited, 3), ready_seen=self.ready_seen)
-        if t_staged - t0 > slow_s:
-            self.ctx.log.warning("slow publish", version=learner.version, gather_s=round(t_gathered - t0, 3),
-                                 canary_s=round(t_canary - t_gathered, 3), settle_wait_s=round(waited, 3),
-                                 stage_s=round(t_staged - t_canary - waited, 3),
-                                 ready_seen=None if self.ready_seen is None else
-                                 (self.ready_seen[0], round(t_staged - self.ready_seen[1], 3)))
-        last = getattr(self.sender, "last_error", "")
-        if last and last != self._reported:
-            self.ctx.log.warning("weight transfer failed", error=last)
-        self._reported = last
-        offer = msgspec.structs.replace(offer, canary_ids=None if canary is None else self.canary,
-                                        canary_logprobs=canary, learner_epoch=self.epoch)
-        self.phase = "send"
-        await self.offers.send(offer)
-        self.sender.deliver()
+        return params, canary
+
+    async def _ship(self, params: dict[str, torch.Tensor], canary: Any, version: int, times: tuple[float, float],
+                    slow_s: float, watchdog: asyncio.TimerHandle) -> None:
+        """Rank 0: stage ``params`` with the sender and send the offer; ``times``: when the
+        publish started and when it finished reading the model (monotonic)."""
+        t0, t_read = times
+        try:
+            self.phase = "stage"
+            offer = await asyncio.to_thread(self.sender.stage, params, version)  # waits for the last transfer
+            del params  # in the sender's buffers now; on the GPU it would hold a second copy of the model
+            t_staged = time.monotonic()
+            waited = getattr(self.sender, "last_wait_s", 0.0)
+            if not getattr(self.sender, "last_settled", True):
+                self.ctx.log.warning("previous version never settled: staged over its buffers after its update budget",
+                                     version=version, waited_s=round(waited, 3), ready_seen=self.ready_seen)
+            if t_staged - t0 > slow_s:
+                self.ctx.log.warning("slow publish", version=version, read_s=round(t_read - t0, 3),
+                                     settle_wait_s=round(waited, 3), stage_s=round(t_staged - t_read - waited, 3),
+                                     ready_seen=None if self.ready_seen is None else
+                                     (self.ready_seen[0], round(t_staged - self.ready_seen[1], 3)))
+            last = getattr(self.sender, "last_error", "")
+            if last and last != self._reported:
+                self.ctx.log.warning("weight transfer failed", error=last)
+            self._reported = last
+            offer = msgspec.structs.replace(offer, canary_ids=None if canary is None else self.canary,
+                                            canary_logprobs=canary, learner_epoch=self.epoch)
+            self.phase = "send"
+            await self.offers.send(offer)
+            self.sender.deliver()
+        finally:
+            watchdog.cancel()
+            self.phase = "idle"
 
     def close(self) -> None:
         if self._follower is not None:
             self._follower.cancel()
+        if self.shipping is not None:
+            self.shipping.cancel()
         if self.sender is not None:
             with contextlib.suppress(Exception):
                 self.sender.close()

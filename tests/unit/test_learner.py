@@ -370,11 +370,14 @@ def test_device_gather_equals_the_host_state_dict_and_shares_no_storage(one_rank
     assert list(gathered) == list(host)
     for name, t in gathered.items():
         assert t.dtype == torch.bfloat16 and torch.equal(t, host[name]), name
-    fp32 = gather_full_parameters(learner.model, torch.float32, "cpu")
     params = dict(learner.model.named_parameters())
-    for name, t in fp32.items():
-        local = params[name].to_local() if hasattr(params[name], "to_local") else params[name]
-        assert t.untyped_storage().data_ptr() != local.untyped_storage().data_ptr(), name
+    # Neither path hands out the model's own storage, even where no cast or gather copies
+    # (fp32, one rank): the publisher stages them while the next step changes the model.
+    for fp32 in (gather_full_parameters(learner.model, torch.float32, "cpu"),
+                 full_parameters(learner.model, torch.float32)):
+        for name, t in fp32.items():
+            local = params[name].to_local() if hasattr(params[name], "to_local") else params[name]
+            assert t.untyped_storage().data_ptr() != local.untyped_storage().data_ptr(), name
 
 
 def test_staleness_is_reported_per_sample_as_a_distribution(one_rank, tmp_path):

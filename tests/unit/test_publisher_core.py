@@ -150,6 +150,7 @@ def test_a_publish_that_hangs_reports_its_phase_and_every_threads_stack(monkeypa
     out = outlet_mod.WeightOutlet.__new__(outlet_mod.WeightOutlet)
     out.ctx = type("Ctx", (), {"log": Log()})()
     out.rank, out.sender, out.ready_seen, out._canaried, out.phase = 1, None, None, True, "idle"
+    out.shipping = None
     out.engine_dtype, out.device = None, None
 
     async def scenario() -> list:
@@ -166,3 +167,62 @@ def test_a_publish_that_hangs_reports_its_phase_and_every_threads_stack(monkeypa
     assert seen[0][1]["running_s"] >= 0.05
     assert "full_parameters" in capfd.readouterr().err  # the stuck thread's stack
     assert out.phase == "idle"
+
+
+def test_publish_returns_once_the_model_is_read_and_staging_runs_beside_the_next_step():
+    """Rank 0: ``publish`` returns after the gather; the sender stages (and the offer goes
+    out) while the learner goes on; the next publish waits for that first."""
+    import asyncio
+    import threading
+
+    from schemas.messages import WeightManifest, WeightsOffer
+    from stages.publisher import outlet as outlet_mod
+
+    release = threading.Event()
+    events: list[str] = []
+
+    class Sender:
+        transport = "shm"
+
+        def stage(self, params, version):
+            events.append(f"stage {version} start")
+            release.wait(5.0)
+            events.append(f"stage {version} end")
+            return WeightsOffer(WeightManifest(version, [], [], 0), "shm", "", 1.0)
+
+        def deliver(self):
+            pass
+
+    class Offers:
+        async def send(self, offer):
+            events.append(f"offer {offer.manifest.version}")
+
+    class Learner:
+        version = 1
+
+        def full_parameters(self, dtype, device):
+            events.append(f"gather {self.version}")
+            return {}
+
+    out = outlet_mod.WeightOutlet.__new__(outlet_mod.WeightOutlet)
+    out.ctx = type("Ctx", (), {"log": None})()
+    out.rank, out.sender, out.offers, out.ready_seen, out._canaried = 0, Sender(), Offers(), None, True
+    out.phase, out.shipping, out._reported, out.epoch, out.canary = "idle", None, "", 1, None
+    out.engine_dtype, out.device = None, None
+    learner = Learner()
+
+    async def scenario() -> None:
+        await asyncio.wait_for(out.publish(learner), 2.0)  # returns although staging blocks
+        await asyncio.sleep(0.1)
+        assert events == ["gather 1", "stage 1 start"] and out.shipping is not None
+        learner.version = 2  # "the next step"
+        second = asyncio.ensure_future(out.publish(learner))
+        await asyncio.sleep(0.1)
+        assert not second.done() and "gather 2" not in events  # waits for version 1's offer
+        release.set()
+        await second
+        await out.shipped()
+
+    asyncio.run(scenario())
+    assert events == ["gather 1", "stage 1 start", "stage 1 end", "offer 1",
+                      "gather 2", "stage 2 start", "stage 2 end", "offer 2"]
