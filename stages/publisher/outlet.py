@@ -145,19 +145,17 @@ class WeightOutlet:
         slow_s = SLOW_PUBLISH_S if self._canaried else FIRST_PUBLISH_SLOW_S
         t0 = time.monotonic()
         watchdog = asyncio.get_running_loop().call_later(slow_s, self._report_stuck, learner.version, t0)
+        shipping = False  # once rank 0's _ship owns the watchdog, it stops it
         try:
             params, canary = await self._read(learner)
-            t_read = time.monotonic()
-        except BaseException:
-            watchdog.cancel()
-            self.phase = "idle"
-            raise
-        if self.rank != 0:
-            watchdog.cancel()
-            self.phase = "idle"
-            return
-        self.shipping = asyncio.ensure_future(
-            self._ship(params, canary, learner.version, (t0, t_read), slow_s, watchdog))
+            if self.rank == 0:
+                self.shipping = asyncio.ensure_future(
+                    self._ship(params, canary, learner.version, (t0, time.monotonic()), slow_s, watchdog))
+                shipping = True
+        finally:
+            if not shipping:
+                watchdog.cancel()
+                self.phase = "idle"
 
     async def shipped(self) -> None:
         """Until the last publish's offer is sent (rank 0); raises what its staging raised."""
