@@ -52,7 +52,7 @@ import torch
 import transport
 from schemas.messages import WeightsReady
 from stages.publisher.canary import canary_ids, teacher_forced_logprobs
-from stages.publisher.senders import make_sender, staging_device
+from stages.publisher.senders import CudaIpcSender, make_sender, staging_device
 
 
 EPOCH_FILE = "learner_epoch"
@@ -165,15 +165,17 @@ class WeightOutlet:
 
     def _report_stuck(self, version: int, t0: float) -> None:
         """The watchdog: the publish of ``version`` has run past its limit; say where."""
-        sender = self.sender
+        now = time.monotonic()
+        settle = self.sender.settle_state() if isinstance(self.sender, CudaIpcSender) else {}
         self.ctx.log.warning("publish still running", version=version, phase=self.phase,
-                             running_s=round(time.monotonic() - t0, 3),
-                             pending=getattr(sender, "_pending", None), settled=getattr(sender, "_settled", None),
-                             ready_seen=None if self.ready_seen is None else
-                             (self.ready_seen[0], round(time.monotonic() - self.ready_seen[1], 3)),
-                             stacks="written to the replica's .out log")
+                             running_s=round(now - t0, 3), ready_seen=self._ready_seen_age(now),
+                             stacks="written to the replica's .out log", **settle)
         with contextlib.suppress(Exception):
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+    def _ready_seen_age(self, now: float) -> tuple[int, float] | None:
+        """(version, seconds since) of the newest own-epoch ``WeightsReady``, for the logs."""
+        return None if self.ready_seen is None else (self.ready_seen[0], round(now - self.ready_seen[1], 3))
 
     async def _read(self, learner: Any) -> tuple[dict[str, torch.Tensor], Any]:
         """Every rank: the full parameters (own storage: ``full_parameters`` never returns
@@ -204,8 +206,7 @@ class WeightOutlet:
             if t_staged - t0 > slow_s:
                 self.ctx.log.warning("slow publish", version=version, read_s=round(t_read - t0, 3),
                                      settle_wait_s=round(waited, 3), stage_s=round(t_staged - t_read - waited, 3),
-                                     ready_seen=None if self.ready_seen is None else
-                                     (self.ready_seen[0], round(t_staged - self.ready_seen[1], 3)))
+                                     ready_seen=self._ready_seen_age(t_staged))
             last = getattr(self.sender, "last_error", "")
             if last and last != self._reported:
                 self.ctx.log.warning("weight transfer failed", error=last)

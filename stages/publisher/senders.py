@@ -183,6 +183,12 @@ class CudaIpcSender:
     def deliver(self) -> None:
         pass
 
+    def settle_state(self) -> dict:
+        """For diagnostics: ``pending`` (version in the buffers, monotonic end of its update
+        budget) and ``settled`` (newest version the engines released)."""
+        with self._cv:
+            return {"pending": self._pending, "settled": self._settled}
+
     def settled(self, version: int) -> None:
         with self._cv:
             self._settled = max(self._settled, version)

@@ -149,7 +149,9 @@ def test_a_publish_that_hangs_reports_its_phase_and_every_threads_stack(monkeypa
     monkeypatch.setattr(outlet_mod, "SLOW_PUBLISH_S", 0.05)  # _canaried: not the first publish
     out = outlet_mod.WeightOutlet.__new__(outlet_mod.WeightOutlet)
     out.ctx = type("Ctx", (), {"log": Log()})()
-    out.rank, out.sender, out.ready_seen, out._canaried, out.phase = 1, None, None, True, "idle"
+    from stages.publisher.senders import CudaIpcSender
+
+    out.rank, out.sender, out.ready_seen, out._canaried, out.phase = 1, CudaIpcSender(), None, True, "idle"
     out.shipping = None
     out.engine_dtype, out.device = None, None
 
@@ -165,6 +167,7 @@ def test_a_publish_that_hangs_reports_its_phase_and_every_threads_stack(monkeypa
     seen = asyncio.run(scenario())
     assert [(e, kw["version"], kw["phase"]) for e, kw in seen] == [("publish still running", 7, "gather")]
     assert seen[0][1]["running_s"] >= 0.05
+    assert (seen[0][1]["pending"], seen[0][1]["settled"]) == (None, -1)  # the cuda_ipc sender's settle state
     assert "full_parameters" in capfd.readouterr().err  # the stuck thread's stack
     assert out.phase == "idle"
 
