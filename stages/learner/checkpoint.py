@@ -17,9 +17,15 @@ Invariants and failure behaviour:
 - Saving and loading are collectives: every rank calls them, in the same order.
 
 Background saves (``save_async`` → ``PendingSave.finish``): the state is copied to host
-memory before ``save_async`` returns (DCP's default stager), so training may change the
-parameters at once; the write and DCP's own collectives run in a thread over ``group``, a
-gloo group used for nothing else (never interleaved with training's collectives). Rank 0's
+memory in a background thread (``make_stager``: DCP's ``DefaultStager`` with async staging,
+into pinned buffers on CUDA that the stager keeps for the next save), so ``save_async``
+returns at once. Until ``PendingSave.wait_staged`` returns, the parameters and optimizer
+state must not change: the learner waits for it before its next ``optimizer.step``, so
+the step after a save still overlaps its forward and backward with the copy. (Staging
+inside ``save_async`` into fresh pageable memory, DCP's default, stalled the step after
+each save of a Qwen3-0.6B learner, 7 GB of fp32 state, by 5-9 s on an H200.) The write
+and DCP's own collectives run in a thread over ``group``, a gloo group used for nothing
+else (never interleaved with training's collectives). Rank 0's
 write finishes only after DCP gathered every rank's write results and wrote the metadata,
 so rank 0 writes ``COMPLETE`` when its own future is done, with no barrier. At most one
 save is in flight: every rank finishes the previous one before starting the next, so the
@@ -29,6 +35,7 @@ gloo group's collectives come in the same order everywhere. A failed write raise
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 MARKER = "COMPLETE"
@@ -98,6 +106,15 @@ class PendingSave:
     keep: int
     future: Future | None
     """DCP's write; None when the step already had a complete checkpoint."""
+    staged: Future | None = None
+    """The copy of the state into host memory; None when done or not asynchronous."""
+
+    def wait_staged(self) -> None:
+        """Return once the state is copied out (raising the copy's error): from then on
+        training may change the parameters and optimizer state."""
+        if self.staged is not None:
+            self.staged.result()
+            self.staged = None
 
     def done(self) -> bool:
         """Whether this rank's write has finished (``finish`` would not block)."""
@@ -107,22 +124,44 @@ class PendingSave:
         """Every rank: wait for this rank's write (raising its error); rank 0 then marks the
         checkpoint complete. No collective: ranks may finish at different times."""
         if self.future is not None:
+            self.wait_staged()
             self.future.result()
             _complete(self.root, self.path, self.step, self.trainer_state, self.keep)
             self.future = None
         return self.path
 
 
+def make_stager(device: torch.device) -> DefaultStager:
+    """The stager of one learner's background saves, kept for its life: on CUDA it copies
+    into pinned host buffers (allocated at the first save, reused by the next: as large as
+    the rank's model and optimizer shards) on a stream of its own; on CPU into plain memory.
+    Either way in a thread of its own."""
+    cuda = device.type == "cuda"
+    with torch.cuda.device(device) if cuda else contextlib.nullcontext():  # its stream: on our device
+        return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                            use_async_staging=True, use_non_blocking_copy=cuda))
+
+
 def save_async(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               trainer_state: dict, keep: int, group: dist.ProcessGroup) -> PendingSave:
-    """Collective: stage the state in host memory and start writing it in the background."""
+               trainer_state: dict, keep: int, group: dist.ProcessGroup,
+               stager: DefaultStager | None = None) -> PendingSave:
+    """Collective: start copying the state to host memory (``stager``; None: DCP's default,
+    a copy before this returns) and writing it, both in the background."""
     path = step_dir(root, step)
     if (path / MARKER).exists():
         return PendingSave(Path(root), path, step, trainer_state, keep, None)
     _prepare(path)
     msd, osd = get_state_dict(model, optimizer)
-    future = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(path), process_group=group)
-    return PendingSave(Path(root), path, step, trainer_state, keep, future)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        # The stager's stream does not wait for ours: the step's last kernels (the
+        # optimizer's) must have run before it reads the parameters.
+        torch.cuda.current_stream(device).synchronize()
+    got = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(path), process_group=group,
+                         async_stager=stager)
+    if isinstance(got, Future):  # staged already (a synchronous stager)
+        return PendingSave(Path(root), path, step, trainer_state, keep, got)
+    return PendingSave(Path(root), path, step, trainer_state, keep, got.upload_completion, got.staging_completion)
 
 
 def _write_durably(target: Path, text: str) -> None:

@@ -139,6 +139,8 @@ class Learner:
         self._ckpt_group = dist.new_group(backend="gloo") if cfg.async_checkpoint else None
         """Background checkpoints' own gloo group (made by every rank, in the same order)."""
         self._pending_save: ckpt.PendingSave | None = None
+        self._stager = ckpt.make_stager(self.device) if cfg.async_checkpoint else None
+        """Copies the state out for background saves; keeps its (pinned) buffers between saves."""
 
     # ------------------------------------------------------------------ admission (rank 0)
     def admit(self, groups: list[TrainGroup | GroupFailed], in_step: set[str] = frozenset()
@@ -234,6 +236,8 @@ class Learner:
         total.update(zip(MAX_METRICS, table[:, n_sum:n_sum + n_max].max(0).values.tolist()))
         total.update(zip(MIN_METRICS, table[:, n_sum + n_max:-1].min(0).values.tolist()))
         skipped = bool(table[:, -1].max() > 0)
+        if self._pending_save is not None:  # a background save may still be copying the state out
+            self._pending_save.wait_staged()
         if not skipped:
             self.optimizer.step()
             self.scheduler.step()
@@ -288,7 +292,7 @@ class Learner:
             self.checkpoint_step = self.step
             return path
         self._pending_save = ckpt.save_async(root, self.step, self.model, self.optimizer, self.trainer_state(),
-                                             self.cfg.keep_last, self._ckpt_group)
+                                             self.cfg.keep_last, self._ckpt_group, self._stager)
         return self.finish_checkpoint() if wait else None
 
     def checkpoint_written(self) -> bool:

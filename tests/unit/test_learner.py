@@ -218,6 +218,29 @@ def test_background_checkpoint_counts_only_once_written(one_rank, tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
 
 
+def test_step_after_a_background_save_waits_until_the_state_is_copied_out(one_rank, tmp_path, monkeypatch):
+    from torch.distributed.checkpoint.staging import StateDictStager
+
+    stage = StateDictStager.stage
+
+    def late_copy(self, *a, **kw):  # the copy to host memory starts late, in its thread
+        time.sleep(0.5)
+        return stage(self, *a, **kw)
+
+    monkeypatch.setattr(StateDictStager, "stage", late_copy)
+    learner = Learner(ASYNC_CFG, run_dir=tmp_path)
+    learner.train_step(batch(0))
+    snapshot = params(learner)
+    learner.save_checkpoint(wait=False)
+    assert not learner._pending_save.staged.done()  # still copying when the next step starts
+    learner.train_step(batch(1))  # may not change the weights before the copy is taken
+    assert learner.finish_checkpoint().name == "step-000001"
+    fresh = Learner(ASYNC_CFG, run_dir=tmp_path)
+    assert fresh.resume() and fresh.step == 1
+    for name, arr in snapshot.items():
+        np.testing.assert_array_equal(params(fresh)[name], arr)
+
+
 def test_checkpoint_without_marker_is_ignored(one_rank, tmp_path):
     learner = Learner(CFG, run_dir=tmp_path)
     learner.train_step(batch(0))
