@@ -97,6 +97,7 @@ async def run(ctx: StageContext) -> None:
     await stage_weights()
     ctx.weight_version = learner.version
     last_step_at = time.perf_counter()
+    t_saved = last_step_at  # when the newest checkpoint save started
 
     async def collect() -> StepBatch:
         keep: list[TrainGroup] = []
@@ -161,6 +162,8 @@ async def run(ctx: StageContext) -> None:
             ctx.in_flight = 0
             if learner.checkpoint_written():  # a background checkpoint is on disk: mark it
                 await asyncio.to_thread(learner.finish_checkpoint)  # complete (this report carries it)
+                ctx.log.info("checkpoint complete", step=learner.checkpoint_step,
+                             seconds=round(time.perf_counter() - t_saved, 3))
             if rank == 0:
                 n_samples = sum(len(g.scored.rollout.samples) for g in batch.groups)
                 metrics = dict(result.metrics, samples=float(n_samples),
@@ -184,7 +187,11 @@ async def run(ctx: StageContext) -> None:
             if s.learner.checkpoint_every and result.step % s.learner.checkpoint_every == 0:
                 await settle_publish()
                 # collective; async_checkpoint: the write goes on in the background
-                if await asyncio.to_thread(learner.save_checkpoint, False) and rank == 0:
+                t_saved = time.perf_counter()
+                written = await asyncio.to_thread(learner.save_checkpoint, False)
+                ctx.log.info("checkpoint", step=learner.step, background=written is None,
+                             seconds=round(time.perf_counter() - t_saved, 3))
+                if written and rank == 0:
                     # the source may now forget groups this checkpoint covers
                     await progress.send(report(learner.step, learner.version))
         await outlet.shipped()  # the last version's offer is out before the drain ends
