@@ -111,13 +111,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per run at most")
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the measured window")
+    ap.add_argument("--only", type=int, choices=(0, 2), default=None,
+                    help="run one mode only (max_staleness 0 or 2): its figures, no bench line")
     ap.add_argument("--logs", type=Path, default=Path(os.environ["OUT"]) if "OUT" in os.environ else None,
                     help="keep each run's stage logs here (stack-logs-s<staleness>.txt)")
     a = ap.parse_args()
     base = tomllib.loads(Path(a.stack).read_text())
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench-gpu-stack-") as tmp:
-        for staleness in (0, 2):
+        for staleness in (0, 2) if a.only is None else (a.only,):
             run_dir = Path(tmp) / f"s{staleness}"
             stack = write_stack_toml(base, Path(tmp) / f"stack-s{staleness}.toml", max_staleness=staleness)
             per_step = base["learner"].get("groups_per_step", 8) * base["source"].get("group_size", 8)
@@ -127,6 +129,8 @@ def main() -> None:
             if "tail" in r:
                 print(r.pop("tail"))
             print(f"max_staleness={staleness}: " + json.dumps(r), flush=True)
+    if a.only is not None:
+        sys.exit(0 if "samples_per_s" in out[a.only] else 1)
     s, x = out[0], out[2]
     if "samples_per_s" in s and "samples_per_s" in x:
         print(f"bench gpu_stack: sync_samples_per_s={s['samples_per_s']:.1f} async_samples_per_s={x['samples_per_s']:.1f} "
