@@ -12,7 +12,8 @@ batch broadcast or a checkpoint), so collectives keep one order on all ranks and
 publish has read the parameters before the next step changes them. Blocking torch work
 runs in a thread so heartbeats keep flowing. With ``learner.async_checkpoint`` a periodic
 checkpoint is written in the background; the first step that ends after its write marks
-it complete, and only then does its step reach the source as ``checkpoint_step``.
+it complete, and only then does its step reach the source as ``checkpoint_step``. A save
+that falls due while the previous write still runs waits for the first step after it.
 
 Drain (SIGTERM or ``Control(DRAIN)``): rank 0 finishes the step in progress, broadcasts a
 stop, every rank checkpoints (collective) and exits. Start: the newest complete checkpoint
@@ -98,6 +99,7 @@ async def run(ctx: StageContext) -> None:
     ctx.weight_version = learner.version
     last_step_at = time.perf_counter()
     t_saved = last_step_at  # when the newest checkpoint save started
+    checkpoint_due, deferred_at = False, 0  # a periodic save waiting for the previous write; since which step
 
     async def collect() -> StepBatch:
         keep: list[TrainGroup] = []
@@ -185,15 +187,25 @@ async def run(ctx: StageContext) -> None:
             if result.step % s.publisher.every_steps == 0 and not result.skipped:
                 publishing = asyncio.ensure_future(publish_timed())
             if s.learner.checkpoint_every and result.step % s.learner.checkpoint_every == 0:
+                checkpoint_due = True
+            if checkpoint_due:
                 await settle_publish()
-                # collective; async_checkpoint: the write goes on in the background
-                t_saved = time.perf_counter()
-                written = await asyncio.to_thread(learner.save_checkpoint, False)
-                ctx.log.info("checkpoint", step=learner.step, background=written is None,
-                             seconds=round(time.perf_counter() - t_saved, 3))
-                if written and rank == 0:
-                    # the source may now forget groups this checkpoint covers
-                    await progress.send(report(learner.step, learner.version))
+                # Collective. A background write still running (every rank agrees on it)
+                # defers the save to the first step after it, instead of holding the loop.
+                if await asyncio.to_thread(learner.checkpoint_busy):
+                    if not deferred_at:
+                        deferred_at = result.step
+                        ctx.log.info("checkpoint deferred", step=result.step, reason="the previous one is still being written")
+                else:
+                    checkpoint_due, deferred_at = False, 0
+                    # collective; async_checkpoint: the write goes on in the background
+                    t_saved = time.perf_counter()
+                    written = await asyncio.to_thread(learner.save_checkpoint, False)
+                    ctx.log.info("checkpoint", step=learner.step, background=written is None,
+                                 seconds=round(time.perf_counter() - t_saved, 3))
+                    if written and rank == 0:
+                        # the source may now forget groups this checkpoint covers
+                        await progress.send(report(learner.step, learner.version))
         await outlet.shipped()  # the last version's offer is out before the drain ends
         await asyncio.to_thread(learner.save_checkpoint)  # the loop left after settle_publish
         if rank == 0:

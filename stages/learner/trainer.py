@@ -295,6 +295,17 @@ class Learner:
                                              self.cfg.keep_last, self._ckpt_group, self._stager)
         return self.finish_checkpoint() if wait else None
 
+    def checkpoint_busy(self) -> bool:
+        """Collective (training's group): whether any rank's background checkpoint is still
+        being written, so that a save now would first wait for it. False, with no
+        collective, when checkpoints are written in the foreground."""
+        if self._ckpt_group is None:
+            return False
+        busy = torch.tensor([float(self._pending_save is not None and not self._pending_save.done())],
+                            device=self.device)
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX)
+        return bool(busy.item())
+
     def checkpoint_written(self) -> bool:
         """Whether a background checkpoint waits only for ``finish_checkpoint`` (this rank)."""
         return self._pending_save is not None and self._pending_save.done()

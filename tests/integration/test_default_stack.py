@@ -84,15 +84,19 @@ async def test_kill_rollout_reward_logprob_learner_then_every_group_has_one_term
         assert len(reasons) <= 1, f"{gid} dropped twice: {reasons}"
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-async def test_sigterm_then_up_resumes_at_the_same_step_and_version(tmp_path, ranks):
+@pytest.mark.parametrize("ranks, background", [(1, False), (2, False), (2, True)])
+async def test_sigterm_then_up_resumes_at_the_same_step_and_version(tmp_path, ranks, background):
     """Two learner ranks too: the real stage loop (batch broadcast, publish overlapping the
-    next collect, collective checkpoints) runs, drains and resumes on both."""
+    next collect, collective checkpoints) runs, drains and resumes on both; and with
+    background checkpoints after every step, each one deferred while the one before is
+    still being written (ranks agree on it collectively)."""
     run_dir = tmp_path / "run"
 
     def stack():
         st = small_stack(run_dir)
         st.learner.world_size = ranks
+        if background:
+            st.learner.async_checkpoint, st.learner.checkpoint_every = True, 1
         return st
 
     first = Supervisor(stack(), run_dir, max_steps=6, shutdown_timeout=20.0)

@@ -200,11 +200,13 @@ def test_background_checkpoint_counts_only_once_written(one_rank, tmp_path, monk
     learner = Learner(ASYNC_CFG, run_dir=tmp_path)
     learner.train_step(batch(0))
     snapshot = params(learner)
+    assert not learner.checkpoint_busy()
     assert learner.save_checkpoint(wait=False) is None
     assert learner.checkpoint_step == -1  # not on disk yet as far as anyone may rely on
+    assert learner.checkpoint_busy()  # still writing: the stage defers the next periodic save
     learner.train_step(batch(1))  # changes the parameters while the write may still run
     path = learner.finish_checkpoint()
-    assert (path / ckpt.MARKER).exists() and learner.checkpoint_step == 1
+    assert (path / ckpt.MARKER).exists() and learner.checkpoint_step == 1 and not learner.checkpoint_busy()
     assert learner.finish_checkpoint() is None and not learner.checkpoint_written()
     fresh = Learner(ASYNC_CFG, run_dir=tmp_path)
     assert fresh.resume() and fresh.step == 1
