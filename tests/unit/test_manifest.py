@@ -62,10 +62,14 @@ def c1_by_definition(words) -> str:
     return f"c1:{s:016x}{w:016x}"
 
 
-def test_c1_digest_matches_its_definition_on_host_and_torch():
+@pytest.mark.parametrize("step_rows", [3, 256])  # several steps with a short last one; one step
+def test_c1_digest_matches_its_definition_on_host_and_torch(step_rows, monkeypatch):
     import numpy as np
 
+    from stages.publisher import manifest
     from stages.publisher.manifest import c1_digests_torch, compute_digests
+
+    monkeypatch.setattr(manifest, "C1_STEP_ROWS", step_rows)
 
     state = {"a": torch.randn(3, 5), "b": torch.randn(1001).to(torch.bfloat16), "c": torch.randn(1024 * 40 + 3),
              "d": torch.arange(3, dtype=torch.int16)}
