@@ -86,8 +86,9 @@ def sample_lags(group: TrainGroup, version: int) -> list[int]:
     """Per sample: learner ``version`` minus the oldest weight version among its tokens (the
     group's ``issued_version`` for a sample without version spans)."""
     issued = group.scored.rollout.group.issued_version
-    return [version - (int(s.version_spans[:, 1].min()) if len(s.version_spans) else issued)
-            for s in group.scored.rollout.samples]
+    # One span per sample unless weights changed mid-generation: read it without a reduction.
+    return [version - (int(sp[0, 1]) if len(sp) == 1 else int(sp[:, 1].min()) if len(sp) else issued)
+            for sp in (s.version_spans for s in group.scored.rollout.samples)]
 
 
 def sample_lag(group: TrainGroup, version: int) -> int:

@@ -188,7 +188,7 @@ class TorchEngine(Engine):
 
     # ------------------------------------------------------------------ weights
     def _params(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.named_parameters())
+        return self.decoder.params  # built once (SlotDecoder.params); an update asks four times
 
     def _check_updating(self, manifest: WeightManifest) -> None:
         if self._updating is None:
