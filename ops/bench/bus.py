@@ -1,16 +1,21 @@
 """Bus benchmark: our channels (codec + zero-copy frames) against raw pyzmq, TCP loopback.
 
-    python ops/bench/bus.py [--quick]
+    python ops/bench/bus.py [--quick] [--rounds N] [--sessions S]
 
 Two processes: this one sends, a spawned one receives. Three payloads:
 (a) 64-byte control messages, (b) a Rollout of 8 samples × 4096 tokens with logprobs,
 (c) a 16 MB array payload. For each, "ours" sends the typed message through
 ``transport.push``/``transport.pull`` (encode on every send, decode on every receive), and
-"raw" sends pre-serialized bytes of the same total size through the same pyzmq asyncio
-socket type with the same HWM. Throughput is measured at the receiver from the first to the
-last message of a timed batch (after a warm-up batch). Each pair runs ``--repeats`` times
-(7; ``--quick``: 1), interleaved; the ratio is the median over pairs of ours / the raw run
-right after it. Last line:
+"raw" sends pre-serialized bytes of the same total size through a pyzmq asyncio PUSH/PULL
+pair with the same HWM. Both socket pairs live in the same two processes, and the modes
+alternate in short batches (~0.1 s), each going first in every other round: the sender
+sends a batch on one pair, the receiver times it from its first to its last message and
+reports back, then the other mode goes; a warm-up batch of each is left out. On a shared VM the machine's speed drifts within
+seconds (separate 0.5 s runs per mode, in fresh processes, gave ratios from 0.55 to 1.4
+for identical work); consecutive short batches see the same machine. Each case runs in
+``--sessions`` fresh receiver processes (thread placement holds for a process's life and can
+favour either mode). Rate of a mode = its messages / its batches' time in a session; ratio =
+the median over sessions of ours / raw, each session's beside it. Last line:
 
     bench bus: control_ratio=X rollout_ratio=Y large_ratio=Z rollout_msgs_per_s=N
 """
@@ -18,6 +23,7 @@ right after it. Last line:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing as mp
 import statistics
 import time
@@ -30,11 +36,15 @@ import transport
 from schemas import messages as m
 
 HWM = 64
-WARMUP_FRACTION = 0.1
-FULL_REPEATS = 7
-"""Interleaved ours/raw pairs per case. On 2 shared cores (sender, receiver and two ZeroMQ
-IO threads) one pair's ratio moves by ±20 %; the median of 7 pairs is what is reported."""
-QUICK_REPEATS = 1
+BATCH_S = 0.1
+"""Target length of one batch: short enough that consecutive ours/raw batches see the same
+machine, long enough (hundreds of messages) that a batch's start-up is noise."""
+FULL_ROUNDS, QUICK_ROUNDS = 8, 4
+"""Ours/raw batch pairs per session after the warm-up pair."""
+FULL_SESSIONS, QUICK_SESSIONS = 5, 2
+"""Fresh receiver processes per case. Where the scheduler puts the two processes' threads
+(sender, receiver, two zmq IO threads on 2 cores) holds for a process's life and favours
+one mode or the other by up to ±30 %; the ratio is the median over sessions."""
 
 
 def control_msg() -> m.Message:
@@ -57,99 +67,102 @@ def large_msg() -> m.Message:
 
 
 CASES = {"control": control_msg, "rollout": rollout_msg, "large": large_msg}
-COUNTS = {"control": (60000, 15000), "rollout": (4000, 1000), "large": (240, 60)}  # (full, quick)
+RATE_GUESS = {"control": 60000, "rollout": 6000, "large": 150}
+"""Messages/s the first batch is sized from; then the slower mode's last rate."""
 
 
-def _receiver(mode: str, n: int, conn) -> None:
-    async def main() -> None:
-        if mode == "ours":
-            ch = transport.pull("tcp://127.0.0.1:*", bind=True, sender="bench/recv", hwm=HWM)
-            conn.send(ch.address)
-            warm = int(n * WARMUP_FRACTION)
-            for _ in range(warm):
-                await ch.recv()
+def _receiver(conn) -> None:
+    """Binds ours and raw; for each (mode, n) from ``conn``: receive n messages on that pair
+    and report (n - 1, seconds from the first to the last); None ends it."""
+    async def receive() -> None:
+        ours = transport.pull("tcp://127.0.0.1:*", bind=True, sender="bench/recv", hwm=HWM)
+        raw = zmq.asyncio.Context.instance().socket(zmq.PULL)
+        raw.setsockopt(zmq.RCVHWM, HWM)
+        raw.bind("tcp://127.0.0.1:*")
+        conn.send((ours.address, raw.getsockopt(zmq.LAST_ENDPOINT).decode()))
+        while (job := conn.recv()) is not None:
+            mode, n = job
+            recv = ours.recv if mode == "ours" else (lambda: raw.recv_multipart(copy=False))
+            await recv()
             t0 = time.perf_counter()
-            for _ in range(n - warm):
-                await ch.recv()
-            t1 = time.perf_counter()
-            ch.close()
-        else:
-            sock = zmq.asyncio.Context.instance().socket(zmq.PULL)
-            sock.setsockopt(zmq.RCVHWM, HWM)
-            sock.bind("tcp://127.0.0.1:*")
-            conn.send(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
-            warm = int(n * WARMUP_FRACTION)
-            for _ in range(warm):
-                await sock.recv_multipart(copy=False)
-            t0 = time.perf_counter()
-            for _ in range(n - warm):
-                await sock.recv_multipart(copy=False)
-            t1 = time.perf_counter()
-            sock.close(0)
-        conn.send((n - warm, t1 - t0))
+            for _ in range(n - 1):
+                await recv()
+            conn.send((n - 1, time.perf_counter() - t0))
+        ours.close()
+        raw.close(0)
 
-    transport.run(main())
+    transport.run(receive())
 
 
-def _send(mode: str, msg: m.Message, n: int, address: str) -> None:
-    async def main() -> None:
-        if mode == "ours":
-            ch = transport.push(address, bind=False, sender="bench/send", hwm=HWM)
-            for _ in range(n):
-                await ch.send(msg)
-            ch.close()
-        else:
-            payload = [b"".join(bytes(memoryview(f).cast("B")) for f in transport.Codec("x").encode(msg))]
-            sock = zmq.asyncio.Context.instance().socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, HWM)
-            sock.setsockopt(zmq.LINGER, 5000)
-            sock.connect(address)
-            for _ in range(n):
-                await sock.send_multipart(payload, copy=False)
-            sock.close()
-
-    transport.run(main())
-
-
-def measure(mode: str, case: str, n: int) -> tuple[float, float]:
-    """(messages/s, MB/s) at the receiver."""
+def measure_case(case: str, rounds: int) -> tuple[float, float, list[float], int]:
+    """(ours msg/s, raw msg/s, per-round ratios, bytes per message) over ``rounds``
+    alternating batch pairs after a warm-up pair."""
     msg = CASES[case]()
-    size = sum(len(memoryview(f).cast("B")) for f in transport.Codec("x").encode(msg))
+    frames = transport.Codec("x").encode(msg)
+    size = sum(len(memoryview(f).cast("B")) for f in frames)
+    payload = [b"".join(bytes(memoryview(f).cast("B")) for f in frames)]
+    del frames
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(mode, n, child), daemon=True)
+    proc = ctx.Process(target=_receiver, args=(child,), daemon=True)
     proc.start()
-    address = parent.recv()
-    _send(mode, msg, n, address)
-    count, seconds = parent.recv()
+    ours_addr, raw_addr = parent.recv()
+    totals = {"ours": [0, 0.0], "raw": [0, 0.0]}
+    ratios: list[float] = []
+
+    async def send() -> None:
+        ours = transport.push(ours_addr, bind=False, sender="bench/send", hwm=HWM)
+        raw = zmq.asyncio.Context.instance().socket(zmq.PUSH)
+        raw.setsockopt(zmq.SNDHWM, HWM)
+        raw.setsockopt(zmq.LINGER, 5000)
+        raw.connect(raw_addr)
+        n = max(20, int(RATE_GUESS[case] * BATCH_S))
+        for r in range(rounds + 1):
+            rates = {}
+            for mode in ("ours", "raw") if r % 2 else ("raw", "ours"):  # either may go first
+                parent.send((mode, n))
+                if mode == "ours":
+                    for _ in range(n):
+                        await ours.send(msg)
+                else:
+                    for _ in range(n):
+                        await raw.send_multipart(payload, copy=False)
+                count, seconds = await asyncio.to_thread(parent.recv)
+                rates[mode] = count / seconds
+                if r:  # round 0 warms both up
+                    totals[mode][0] += count
+                    totals[mode][1] += seconds
+            if r:
+                ratios.append(rates["ours"] / rates["raw"])
+            n = max(20, int(min(rates.values()) * BATCH_S))
+        parent.send(None)
+        ours.close()
+        raw.close()
+
+    transport.run(send())
     proc.join(30)
-    rate = count / seconds
-    return rate, rate * size / 1e6
+    return totals["ours"][0] / totals["ours"][1], totals["raw"][0] / totals["raw"][1], ratios, size
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller batches, one repeat (< 60 s)")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="fewer sessions and rounds (< 60 s)")
+    ap.add_argument("--rounds", type=int, default=None, help=f"ours/raw batch pairs per session (default {FULL_ROUNDS})")
+    ap.add_argument("--sessions", type=int, default=None, help=f"receiver processes per case (default {FULL_SESSIONS})")
     args = ap.parse_args()
-    repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else FULL_ROUNDS)
+    sessions = args.sessions or (QUICK_SESSIONS if args.quick else FULL_SESSIONS)
     ratios, ours_rates = {}, {}
     for case in CASES:
-        n = COUNTS[case][1 if args.quick else 0]
-        ours, raw = [], []
-        for _ in range(repeats):
-            ours.append(measure("ours", case, n))
-            raw.append(measure("raw", case, n))
-        o = statistics.median(r for r, _ in ours)
-        r = statistics.median(r for r, _ in raw)
-        ob = statistics.median(b for _, b in ours)
-        rb = statistics.median(b for _, b in raw)
-        # Each "ours" run is paired with the "raw" run right after it (same machine state);
-        # the ratio is the median over pairs, its spread printed beside it.
-        pair = sorted(a[0] / b[0] for a, b in zip(ours, raw))
-        ratios[case], ours_rates[case] = statistics.median(pair), o
-        print(f"{case:8s} ours {o:10.0f} msg/s {ob:9.1f} MB/s | raw pyzmq {r:10.0f} msg/s {rb:9.1f} MB/s"
-              f" | ratio {ratios[case]:.2f} (pairs {pair[0]:.2f}-{pair[-1]:.2f})", flush=True)
+        runs = [measure_case(case, rounds) for _ in range(sessions)]
+        per_session = sorted(o / r for o, r, _, _ in runs)
+        o = statistics.median(x[0] for x in runs)
+        r = statistics.median(x[1] for x in runs)
+        size = runs[0][3]
+        ratios[case], ours_rates[case] = statistics.median(per_session), o
+        print(f"{case:8s} ours {o:10.0f} msg/s {o * size / 1e6:9.1f} MB/s | raw pyzmq {r:10.0f} msg/s "
+              f"{r * size / 1e6:9.1f} MB/s | ratio {ratios[case]:.2f} (sessions: "
+              f"{', '.join(f'{x:.2f}' for x in per_session)})", flush=True)
     print(f"bench bus: control_ratio={ratios['control']:.2f} rollout_ratio={ratios['rollout']:.2f} "
           f"large_ratio={ratios['large']:.2f} rollout_msgs_per_s={ours_rates['rollout']:.0f}")
 
