@@ -394,3 +394,18 @@ def install_fake_vllm(monkeypatch) -> None:
     monkeypatch.setattr(vllm_engine, "write_model_dir", lambda name, dtype: "/nonexistent")
     FakeAsyncLLM.built = []
     FakeAsyncLLM.next_fail_rpc = None
+
+
+def run_bench(script: str, *args: str, timeout: float = 300.0) -> str:
+    """Output (stdout + stderr) of ``python ops/bench/<script> *args`` run from the repo
+    root; fails the calling test with the output's tail when it exits non-zero."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "ops" / "bench" / script), *args],
+                       capture_output=True, text=True, timeout=timeout, cwd=root)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    return out

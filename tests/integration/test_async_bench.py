@@ -2,18 +2,12 @@
 
 import re
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from stages.testing import run_bench
 
 
 def test_async_bench_reports_the_median_of_its_pairs():
-    p = subprocess.run([sys.executable, str(ROOT / "ops/bench/async.py"), "--steps", "6", "--pairs", "2"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-3000:]
+    out = run_bench("async.py", "--steps", "6", "--pairs", "2", timeout=300)
     runs = re.findall(r"^pair (\d): max_staleness=(\d): 6 steps in .*? ([\d.]+) samples/s", out, re.M)
     assert [(a, b) for a, b, _ in runs] == [("0", "0"), ("0", "2"), ("1", "0"), ("1", "2")], out[-3000:]
     rates = [float(r) for _, _, r in runs]

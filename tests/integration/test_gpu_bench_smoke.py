@@ -5,20 +5,16 @@ for it. The figures of these runs mean nothing."""
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from stages.testing import run_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_learner_bench_runs_its_variants_and_prints_its_line():
-    p = subprocess.run([sys.executable, str(ROOT / "ops/bench/gpu_learner.py"), "--device", "cpu", "--models", "tiny",
-                        "--steps", "1", "--groups", "1", "--prompt-len", "4", "--completion-len", "12",
-                        "--variants", "64,256,bestc"],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-3000:]
+    out = run_bench("gpu_learner.py", "--device", "cpu", "--models", "tiny", "--steps", "1", "--groups", "1",
+                    "--prompt-len", "4", "--completion-len", "12", "--variants", "64,256,bestc", timeout=600)
     assert len(re.findall(r"^figures gpu_learner tiny \[(64|256|256c|64c)\]: 256 tokens/step \(192 trained\)",
                           out, re.M)) == 3, out[-3000:]
     assert re.search(r"^bench gpu_learner: tiny tokens_per_s=\d+ mfu=[\d.]+ tflops=\d+ step_s=[\d.]+ variant=\w+;$",
@@ -28,11 +24,8 @@ def test_gpu_learner_bench_runs_its_variants_and_prints_its_line():
 def test_gpu_stack_bench_runs_both_modes_on_the_cpu_stack(tmp_path):
     """The stack bench takes any stack file; on ``ops/stack.toml`` it needs no GPU. Each
     run's stage logs are kept."""
-    p = subprocess.run([sys.executable, str(ROOT / "ops/bench/gpu_stack.py"), "--stack", str(ROOT / "ops/stack.toml"),
-                        "--steps", "4", "--warmup", "1", "--timeout", "120", "--logs", str(tmp_path)],
-                       capture_output=True, text=True, timeout=400, cwd=ROOT)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-3000:]
+    out = run_bench("gpu_stack.py", "--stack", str(ROOT / "ops/stack.toml"), "--steps", "4", "--warmup", "1",
+                    "--timeout", "120", "--logs", str(tmp_path), timeout=400)
     m = re.search(r"^bench gpu_stack: sync_samples_per_s=([\d.]+) async_samples_per_s=([\d.]+) speedup=[\d.]+ "
                   r"steps=4 warmup=1 stack=stack\.toml$", out, re.M)
     assert m and float(m[1]) > 0 and float(m[2]) > 0, out[-3000:]

@@ -187,16 +187,28 @@ def test_two_ranks_resume_a_background_checkpoint_at_the_state_it_was_taken(worl
         np.testing.assert_array_equal(second[0]["async_resumed"][name], arr)
 
 
+def started_late(fn, seconds: float = 0.5):
+    """``fn``, starting ``seconds`` late: a background save's phase then still runs when the
+    next step comes."""
+    def late(*a, **kw):
+        time.sleep(seconds)
+        return fn(*a, **kw)
+    return late
+
+
+def assert_resumes_at(run_dir, step: int, snapshot: dict) -> None:
+    """A fresh learner resumes ``run_dir``'s newest checkpoint at ``step`` with ``snapshot``'s weights."""
+    fresh = Learner(ASYNC_CFG, run_dir=run_dir)
+    assert fresh.resume() and fresh.step == step
+    for name, arr in snapshot.items():
+        np.testing.assert_array_equal(params(fresh)[name], arr)
+
+
 def test_background_checkpoint_counts_only_once_written(one_rank, tmp_path, monkeypatch):
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-    write = FileSystemWriter.write_data
-
-    def late_write(self, *a, **kw):  # the write starts only after the next step changed the weights
-        time.sleep(0.5)
-        return write(self, *a, **kw)
-
-    monkeypatch.setattr(FileSystemWriter, "write_data", late_write)
+    # the write starts only after the next step changed the weights
+    monkeypatch.setattr(FileSystemWriter, "write_data", started_late(FileSystemWriter.write_data))
     learner = Learner(ASYNC_CFG, run_dir=tmp_path)
     learner.train_step(batch(0))
     snapshot = params(learner)
@@ -208,10 +220,7 @@ def test_background_checkpoint_counts_only_once_written(one_rank, tmp_path, monk
     path = learner.finish_checkpoint()
     assert (path / ckpt.MARKER).exists() and learner.checkpoint_step == 1 and not learner.checkpoint_busy()
     assert learner.finish_checkpoint() is None and not learner.checkpoint_written()
-    fresh = Learner(ASYNC_CFG, run_dir=tmp_path)
-    assert fresh.resume() and fresh.step == 1
-    for name, arr in snapshot.items():
-        np.testing.assert_array_equal(params(fresh)[name], arr)
+    assert_resumes_at(tmp_path, 1, snapshot)
     # A waited save (the drain's) is complete on return; it finished the one before first.
     learner.save_checkpoint(wait=False)
     learner.train_step(batch(2))
@@ -223,13 +232,8 @@ def test_background_checkpoint_counts_only_once_written(one_rank, tmp_path, monk
 def test_step_after_a_background_save_waits_until_the_state_is_copied_out(one_rank, tmp_path, monkeypatch):
     from torch.distributed.checkpoint.staging import StateDictStager
 
-    stage = StateDictStager.stage
-
-    def late_copy(self, *a, **kw):  # the copy to host memory starts late, in its thread
-        time.sleep(0.5)
-        return stage(self, *a, **kw)
-
-    monkeypatch.setattr(StateDictStager, "stage", late_copy)
+    # the copy to host memory starts late, in its thread
+    monkeypatch.setattr(StateDictStager, "stage", started_late(StateDictStager.stage))
     learner = Learner(ASYNC_CFG, run_dir=tmp_path)
     learner.train_step(batch(0))
     snapshot = params(learner)
@@ -237,10 +241,7 @@ def test_step_after_a_background_save_waits_until_the_state_is_copied_out(one_ra
     assert not learner._pending_save.staged.done()  # still copying when the next step starts
     learner.train_step(batch(1))  # may not change the weights before the copy is taken
     assert learner.finish_checkpoint().name == "step-000001"
-    fresh = Learner(ASYNC_CFG, run_dir=tmp_path)
-    assert fresh.resume() and fresh.step == 1
-    for name, arr in snapshot.items():
-        np.testing.assert_array_equal(params(fresh)[name], arr)
+    assert_resumes_at(tmp_path, 1, snapshot)
 
 
 def test_checkpoint_without_marker_is_ignored(one_rank, tmp_path):
