@@ -101,6 +101,13 @@ async def run(ctx: StageContext) -> None:
     t_saved = last_step_at  # when the newest checkpoint save started
     checkpoint_due, deferred_at = False, 0  # a periodic save waiting for the previous write; since which step
 
+    async def finish_written() -> None:
+        """A background checkpoint whose write is done: mark it complete and say so."""
+        if learner.checkpoint_written():
+            await asyncio.to_thread(learner.finish_checkpoint)
+            ctx.log.info("checkpoint complete", step=learner.checkpoint_step,
+                         seconds=round(time.perf_counter() - t_saved, 3))
+
     async def collect() -> StepBatch:
         keep: list[TrainGroup] = []
         while len(keep) < s.learner.groups_per_step:
@@ -162,10 +169,7 @@ async def run(ctx: StageContext) -> None:
             ctx.weight_version = learner.version
             ctx.processed += len(batch.groups)
             ctx.in_flight = 0
-            if learner.checkpoint_written():  # a background checkpoint is on disk: mark it
-                await asyncio.to_thread(learner.finish_checkpoint)  # complete (this report carries it)
-                ctx.log.info("checkpoint complete", step=learner.checkpoint_step,
-                             seconds=round(time.perf_counter() - t_saved, 3))
+            await finish_written()  # this step's report then carries it
             if rank == 0:
                 n_samples = sum(len(g.scored.rollout.samples) for g in batch.groups)
                 metrics = dict(result.metrics, samples=float(n_samples),
@@ -197,12 +201,14 @@ async def run(ctx: StageContext) -> None:
                         deferred_at = result.step
                         ctx.log.info("checkpoint deferred", step=result.step, reason="the previous one is still being written")
                 else:
+                    deferred = result.step - deferred_at if deferred_at else 0
                     checkpoint_due, deferred_at = False, 0
+                    await finish_written()  # the previous one's write ended since the step did
                     # collective; async_checkpoint: the write goes on in the background
                     t_saved = time.perf_counter()
                     written = await asyncio.to_thread(learner.save_checkpoint, False)
                     ctx.log.info("checkpoint", step=learner.step, background=written is None,
-                                 seconds=round(time.perf_counter() - t_saved, 3))
+                                 seconds=round(time.perf_counter() - t_saved, 3), deferred_steps=deferred)
                     if written and rank == 0:
                         # the source may now forget groups this checkpoint covers
                         await progress.send(report(learner.step, learner.version))
