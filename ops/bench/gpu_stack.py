@@ -10,8 +10,9 @@ between them: start-up (vLLM's start, the learner's build) and the first steps a
 since they hold one-time costs (on an H200 the first compiled learner step took 114 s and the
 gap to the second 11.8 s, against ~1.1 s later; a window that kept them made the sync run
 look 3.8x slower than async). ``step_s_median`` is the median time between steps in that
-window; ``wait_s``/``train_s``/``publish_s_median`` split the learner's step (its own metrics). Each run is bounded by ``--timeout`` seconds; a run that does not finish reports how
-many steps it made. Each run's stage logs (the last ``LOG_TAIL_BYTES`` of each, in one file
+window; ``wait_s``/``train_s``/``publish_s_median`` split the learner's step (its own
+metrics). Each run is bounded by ``--timeout`` seconds; a run that does not finish reports
+how many steps it made. Each run's stage logs (the last ``LOG_TAIL_BYTES`` of each, in one file
 per run: the GPU lane brings back few files) are kept in ``--logs`` (default ``$OUT`` on the
 GPU lane), so a failed run can be read afterwards. Last line:
 

@@ -143,10 +143,9 @@ def make_stager(device: torch.device) -> DefaultStager:
 
 
 def save_async(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               trainer_state: dict, keep: int, group: dist.ProcessGroup,
-               stager: DefaultStager | None = None) -> PendingSave:
-    """Collective: start copying the state to host memory (``stager``; None: DCP's default,
-    a copy before this returns) and writing it, both in the background."""
+               trainer_state: dict, keep: int, group: dist.ProcessGroup, stager: DefaultStager) -> PendingSave:
+    """Collective: start copying the state to host memory (``stager``, from ``make_stager``)
+    and writing it, both in the background."""
     path = step_dir(root, step)
     if (path / MARKER).exists():
         return PendingSave(Path(root), path, step, trainer_state, keep, None)
@@ -158,9 +157,7 @@ def save_async(root: Path, step: int, model: torch.nn.Module, optimizer: torch.o
         # optimizer's) must have run before it reads the parameters.
         torch.cuda.current_stream(device).synchronize()
     got = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(path), process_group=group,
-                         async_stager=stager)
-    if isinstance(got, Future):  # staged already (a synchronous stager)
-        return PendingSave(Path(root), path, step, trainer_state, keep, got)
+                         async_stager=stager)  # an async stager: DCP answers with both futures
     return PendingSave(Path(root), path, step, trainer_state, keep, got.upload_completion, got.staging_completion)
 
 

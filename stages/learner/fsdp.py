@@ -158,8 +158,9 @@ def full_parameters(model: torch.nn.Module, dtype: torch.dtype = torch.float32,
     keeps the state off the host (``cuda_ipc``/``nccl`` senders copy it into their CUDA
     buckets). On either path no returned tensor shares storage with the model's (a one-rank
     CPU gather of an fp32 model would hand out the parameters themselves): the caller may
-    read them while the next step changes the model. The two paths run different collectives, so every rank must pass the same
-    kind of device (the outlet derives it from the stack, ``senders.staging_device``)."""
+    read them while the next step changes the model. The two paths run different
+    collectives, so every rank must pass the same kind of device (the outlet derives it
+    from the stack, ``senders.staging_device``)."""
     if device is not None and torch.device(device).type != "cpu":
         return gather_full_parameters(model, dtype, device)
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
