@@ -153,16 +153,27 @@ def full_parameters(model: torch.nn.Module, dtype: torch.dtype = torch.float32,
     """Collective. Rank 0 gets every parameter (deduplicated, as ``named_parameters``) in
     ``dtype`` on ``device``; other ranks get {}.
 
-    ``device`` None or CPU: the host path (``get_model_state_dict`` with ``cpu_offload``;
-    what the ``shm`` sender packs). Any other device: ``gather_full_parameters``, which
-    keeps the state off the host (``cuda_ipc``/``nccl`` senders copy it into their CUDA
-    buckets). On either path no returned tensor shares storage with the model's (a one-rank
-    CPU gather of an fp32 model would hand out the parameters themselves): the caller may
-    read them while the next step changes the model. The two paths run different
-    collectives, so every rank must pass the same kind of device (the outlet derives it
-    from the stack, ``senders.staging_device``)."""
+    One rank: ``one_rank_parameters`` (a copy of each local tensor, no collective). Else,
+    ``device`` None or CPU: the host path (``host_full_parameters``; what the ``shm`` sender
+    packs); any other device: ``gather_full_parameters``, which keeps the state off the host
+    (``cuda_ipc``/``nccl`` senders copy it into their CUDA buckets). On every path no
+    returned tensor shares storage with the model's (a one-rank CPU gather of an fp32 model
+    would hand out the parameters themselves): the caller may read them while the next step
+    changes the model. The two multi-rank paths run different collectives, so every rank
+    must pass the same kind of device (the outlet derives it from the stack,
+    ``senders.staging_device``)."""
+    if dist.get_world_size() == 1:
+        whole = one_rank_parameters(model, dtype, device)
+        if whole is not None:
+            return whole
     if device is not None and torch.device(device).type != "cpu":
         return gather_full_parameters(model, dtype, device)
+    return host_full_parameters(model, dtype)
+
+
+def host_full_parameters(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Collective: ``get_model_state_dict`` with ``cpu_offload`` (rank 0 gets the full state
+    on the host, others {}), cast to ``dtype``, never the model's own storage."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return {}
@@ -172,6 +183,25 @@ def full_parameters(model: torch.nn.Module, dtype: torch.dtype = torch.float32,
     for n, _ in model.named_parameters():
         t = sd[n].to(dtype)
         out[n] = t.clone() if t.untyped_storage().data_ptr() in live else t
+    return out
+
+
+def one_rank_parameters(model: torch.nn.Module, dtype: torch.dtype,
+                        device: torch.device | str | None) -> dict[str, torch.Tensor] | None:
+    """A copy of every parameter (``named_parameters``, in ``dtype`` on ``device``, host when
+    None) read straight from the local shards, which on a one-rank mesh are the whole
+    parameters: no collective, none of DTensor's redistribution. ``full_parameters`` of the
+    default CPU model (24 tensors, 1.6 MB) took 3.5 ms through ``get_model_state_dict``
+    alone and ~9 ms beside the rollouts, on the async learner's critical path (the next
+    step waits for the read). None when a local tensor is not its parameter's full shape
+    (a layout this does not know): the caller takes the general path."""
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p.detach()
+            if local.shape != p.shape:
+                return None
+            out[name] = local.to(device=device or "cpu", dtype=dtype, copy=True)  # never the model's storage
     return out
 
 

@@ -384,26 +384,34 @@ def test_leaving_out_zero_advantage_samples_changes_nothing_but_the_work(one_ran
     assert got[0]["zero_adv_frac"] == 0.5 and got[0]["tokens"] < want[0]["tokens"]  # half the work
 
 
-def test_device_gather_equals_the_host_state_dict_and_shares_no_storage(one_rank, tmp_path):
-    """The ``cuda_ipc``/``nccl`` path gathers parameter by parameter where the shards live
-    (``gather_full_parameters``); run here on CPU it must give exactly the host path's bytes."""
-    from stages.learner.fsdp import full_parameters, gather_full_parameters
+def test_every_parameter_read_gives_the_host_state_dict_and_shares_no_storage(one_rank, tmp_path):
+    """Three ways to read the full parameters: the host state dict (``host_full_parameters``,
+    ``shm`` on several ranks), the gather where the shards live (``gather_full_parameters``,
+    ``cuda_ipc``/``nccl``) and the one-rank copy of the local tensors (``one_rank_parameters``,
+    what ``full_parameters`` takes here). Run on CPU they must give the same bytes."""
+    from stages.learner.fsdp import (full_parameters, gather_full_parameters, host_full_parameters,
+                                     one_rank_parameters)
 
     learner = Learner(CFG, run_dir=tmp_path, max_staleness=1)
     learner.train_step([make_train_group("a", version=0)])
-    host = full_parameters(learner.model, torch.bfloat16)
-    gathered = gather_full_parameters(learner.model, torch.bfloat16, "cpu")
-    assert list(gathered) == list(host)
-    for name, t in gathered.items():
-        assert t.dtype == torch.bfloat16 and torch.equal(t, host[name]), name
+    host = host_full_parameters(learner.model, torch.bfloat16)
+    assert list(host) == [n for n, _ in learner.model.named_parameters()]
+    for other in (gather_full_parameters(learner.model, torch.bfloat16, "cpu"),
+                  one_rank_parameters(learner.model, torch.bfloat16, None),
+                  full_parameters(learner.model, torch.bfloat16)):
+        assert list(other) == list(host)
+        for name, t in other.items():
+            assert t.dtype == torch.bfloat16 and torch.equal(t, host[name]), name
     params = dict(learner.model.named_parameters())
-    # Neither path hands out the model's own storage, even where no cast or gather copies
+    # No path hands out the model's own storage, even where no cast or gather copies
     # (fp32, one rank): the publisher stages them while the next step changes the model.
     for fp32 in (gather_full_parameters(learner.model, torch.float32, "cpu"),
-                 full_parameters(learner.model, torch.float32)):
+                 host_full_parameters(learner.model, torch.float32),
+                 one_rank_parameters(learner.model, torch.float32, None)):
         for name, t in fp32.items():
             local = params[name].to_local() if hasattr(params[name], "to_local") else params[name]
             assert t.untyped_storage().data_ptr() != local.untyped_storage().data_ptr(), name
+            assert torch.equal(t, local.detach()), name
 
 
 def test_staleness_is_reported_per_sample_as_a_distribution(one_rank, tmp_path):
