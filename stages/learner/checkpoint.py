@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -131,15 +132,34 @@ class PendingSave:
         return self.path
 
 
+class KeptStateDictStager(StateDictStager):
+    """DCP's state-dict copier, whose ``close`` between saves does nothing (``release``
+    does what ``close`` did). torch 2.11's ``DefaultStager`` closes its copier after every
+    stage, which empties the copier's dispatch table and drops its pinned buffers: the next
+    save then re-pins everything, and fails outright on a class object in the state
+    (``KeyError: <class 'type'>``: the table's ``type`` entry is gone; the learner's second
+    background save on an H200 died so, 2026-12-02). Later torch versions no longer close it
+    there, and this changes nothing for them."""
+
+    def close(self) -> None:
+        pass
+
+    def release(self) -> None:
+        super().close()
+
+
 def make_stager(device: torch.device) -> DefaultStager:
     """The stager of one learner's background saves, kept for its life: on CUDA it copies
     into pinned host buffers (allocated at the first save, reused by the next: as large as
     the rank's model and optimizer shards) on a stream of its own; on CPU into plain memory.
-    Either way in a thread of its own."""
+    Either way in a thread of its own. Its copier is a ``KeptStateDictStager``."""
     cuda = device.type == "cuda"
     with torch.cuda.device(device) if cuda else contextlib.nullcontext():  # its stream: on our device
-        return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                            use_async_staging=True, use_non_blocking_copy=cuda))
+        stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                              use_async_staging=True, use_non_blocking_copy=cuda))
+    copier = stager._state_dict_stager  # DefaultStager's only copier; no public way to pass one
+    stager._state_dict_stager = KeptStateDictStager(pin_memory=copier.pin_memory, share_memory=copier.share_memory)
+    return stager
 
 
 def save_async(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

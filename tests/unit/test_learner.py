@@ -244,6 +244,29 @@ def test_step_after_a_background_save_waits_until_the_state_is_copied_out(one_ra
     assert_resumes_at(tmp_path, 1, snapshot)
 
 
+def test_background_saves_survive_a_stager_that_closes_its_copier_after_each_stage(one_rank, tmp_path, monkeypatch):
+    """torch 2.11's ``DefaultStager`` closes its state-dict copier after every stage; a plain
+    copier then fails the next save on the learner's state (``KeyError: <class 'type'>``:
+    its dispatch table was emptied), as the second background save on an H200 did."""
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    stage = DefaultStager._stage
+
+    def stage_then_close(self, state_dict, **kwargs):
+        staged = stage(self, state_dict, **kwargs)
+        self._state_dict_stager.close()
+        return staged
+
+    monkeypatch.setattr(DefaultStager, "_stage", stage_then_close)
+    learner = Learner(ASYNC_CFG, run_dir=tmp_path)
+    for s in range(3):
+        learner.train_step(batch(s))
+        snapshot = params(learner)
+        learner.save_checkpoint(wait=False)
+        assert learner.finish_checkpoint().name == f"step-{s + 1:06d}"
+    assert_resumes_at(tmp_path, 3, snapshot)
+
+
 def test_checkpoint_without_marker_is_ignored(one_rank, tmp_path):
     learner = Learner(CFG, run_dir=tmp_path)
     learner.train_step(batch(0))
