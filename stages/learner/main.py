@@ -16,7 +16,8 @@ it complete, and only then does its step reach the source as ``checkpoint_step``
 that falls due while the previous write still runs waits for the first step after it.
 
 Drain (SIGTERM or ``Control(DRAIN)``): rank 0 finishes the step in progress, broadcasts a
-stop, every rank checkpoints (collective) and exits. Start: the newest complete checkpoint
+stop, every rank checkpoints (collective), rank 0 sends its last offer, and they exit.
+Start: the newest complete checkpoint
 is resumed, and its weights are offered before anything else, so engines generate with
 the learner's weights. Every start is a new learner epoch (``outlet.next_learner_epoch``),
 carried on each offer and ``Progress``: after a rollback the engines, the publisher and the
@@ -212,10 +213,15 @@ async def run(ctx: StageContext) -> None:
                     if written and rank == 0:
                         # the source may now forget groups this checkpoint covers
                         await progress.send(report(learner.step, learner.version))
-        await outlet.shipped()  # the last version's offer is out before the drain ends
-        await asyncio.to_thread(learner.save_checkpoint)  # the loop left after settle_publish
+        # The checkpoint first (the loop left after settle_publish): the last offer may wait
+        # on engines that are draining too (a cuda_ipc sender waits for the previous
+        # version's buffers to be released), and a stop that ends the learner then must not
+        # have cost it its final checkpoint (GPU stack, 2026-12-02: killed after 14 s in
+        # the publish, the drain's checkpoint never written).
+        await asyncio.to_thread(learner.save_checkpoint)
         if rank == 0:
             await progress.send(report(learner.step, learner.version))
+        await outlet.shipped()  # the last version's offer is out before the drain ends
         ctx.log.info("learner drained", step=learner.step, version=learner.version)
     finally:
         outlet.close()
