@@ -17,11 +17,11 @@ that falls due while the previous write still runs waits for the first step afte
 
 Drain (SIGTERM or ``Control(DRAIN)``): rank 0 finishes the step in progress, broadcasts a
 stop, every rank checkpoints (collective), rank 0 sends its last offer, and they exit.
-Start: the newest complete checkpoint
-is resumed, and its weights are offered before anything else, so engines generate with
-the learner's weights. Every start is a new learner epoch (``outlet.next_learner_epoch``),
-carried on each offer and ``Progress``: after a rollback the engines, the publisher and the
-source take the resumed, lower versions over the newer-numbered ones of the lost timeline.
+Start: the newest complete checkpoint is resumed, and its weights are offered before
+anything else, so engines generate with the learner's weights. Every start is a new learner
+epoch (``outlet.next_learner_epoch``), carried on each offer and ``Progress``: after a
+rollback the engines, the publisher and the source take the resumed, lower versions over the
+newer-numbered ones of the lost timeline.
 """
 
 from __future__ import annotations
