@@ -133,19 +133,17 @@ class PendingSave:
 
 
 class KeptStateDictStager(StateDictStager):
-    """DCP's state-dict copier, whose ``close`` between saves does nothing (``release``
-    does what ``close`` did). torch 2.11's ``DefaultStager`` closes its copier after every
-    stage, which empties the copier's dispatch table and drops its pinned buffers: the next
-    save then re-pins everything, and fails outright on a class object in the state
-    (``KeyError: <class 'type'>``: the table's ``type`` entry is gone; the learner's second
-    background save on an H200 died so, 2026-12-02). Later torch versions no longer close it
-    there, and this changes nothing for them."""
+    """DCP's state-dict copier, whose ``close`` does nothing: it lives as long as the learner
+    (its pinned buffers and dispatch table go with the process). torch 2.11's
+    ``DefaultStager`` closes its copier after every stage, which empties the copier's
+    dispatch table and drops its pinned buffers: the next save then re-pins everything, and
+    fails outright on a class object in the state (``KeyError: <class 'type'>``: the table's
+    ``type`` entry is gone; the learner's second background save on an H200 died so,
+    2026-12-02). Later torch versions no longer close it there, and this changes nothing
+    for them."""
 
     def close(self) -> None:
         pass
-
-    def release(self) -> None:
-        super().close()
 
 
 def make_stager(device: torch.device) -> DefaultStager:
