@@ -5,11 +5,12 @@
 Three processes, as in a stack: a producer PUSHes small PromptGroups into the broker's
 front, the broker (this process, on its own event loop) hands them to one worker
 (``WorkPuller``, credit 2, like a stage) that granted credit. Reported: items/s at the worker
-(first to last item) and the broker process's CPU time per item (its event loop plus
+(first to last item), the broker process's CPU time per item (its event loop plus
 ZeroMQ's IO thread: ``time.process_time``), which is what every stage-to-stage hop costs the
-supervisor. Last line:
+supervisor, and the worker process's CPU time per item over the same span (receive, decode,
+credit grants): what each item costs the stage that consumes it. Last line:
 
-    bench broker: items_per_s=N broker_cpu_us_per_item=X items=M
+    bench broker: items_per_s=N broker_cpu_us_per_item=X worker_cpu_us_per_item=W items=M
 """
 
 from __future__ import annotations
@@ -43,17 +44,17 @@ def _work(address: str, n: int, out) -> None:
     async def main() -> None:
         w = WorkPuller(address, sender="bench/worker", name="prompts", credit=2)
         await w.recv()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(n - 1):
             await w.recv()
-        out.put((n - 1) / (time.perf_counter() - t0))
+        out.put(((n - 1) / (time.perf_counter() - t0), (time.process_time() - cpu0) / (n - 1) * 1e6))
         w.close()
 
     transport.run(main())
 
 
-async def measure(n: int) -> tuple[float, float]:
-    """(items/s at the worker, broker CPU µs per item)."""
+async def measure(n: int) -> tuple[float, float, float]:
+    """(items/s at the worker, broker CPU µs per item, worker CPU µs per item)."""
     broker = WorkBroker("prompts", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
     broker.start()
     ctx = mp.get_context("spawn")
@@ -66,11 +67,11 @@ async def measure(n: int) -> tuple[float, float]:
     while broker.forwarded < n:
         await asyncio.sleep(0.01)
     cpu = time.process_time() - cpu0
-    rate = await asyncio.to_thread(rates.get, True, 60)
+    rate, worker_us = await asyncio.to_thread(rates.get, True, 60)
     worker.join(30)
     producer.join(30)
     broker.close()
-    return rate, cpu / n * 1e6
+    return rate, cpu / n * 1e6, worker_us
 
 
 def main() -> None:
@@ -79,8 +80,9 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=None, help="items to forward (default 20,000)")
     a = ap.parse_args()
     n = a.items or (5000 if a.quick else 20000)
-    rate, us = transport.run(measure(n))
-    print(f"bench broker: items_per_s={rate:.0f} broker_cpu_us_per_item={us:.1f} items={n}")
+    rate, us, worker_us = transport.run(measure(n))
+    print(f"bench broker: items_per_s={rate:.0f} broker_cpu_us_per_item={us:.1f} "
+          f"worker_cpu_us_per_item={worker_us:.1f} items={n}")
 
 
 if __name__ == "__main__":

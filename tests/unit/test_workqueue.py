@@ -110,3 +110,41 @@ async def test_drain_ends_even_when_no_more_work_arrives():
     for c in (w, other, push):
         c.close()
     broker.close()
+
+
+async def test_two_receivers_on_one_puller_get_each_item_once_within_credit():
+    # One receiver finds items ready (the non-blocking path) while the other is parked in
+    # pyzmq's asyncio recv: no item is lost or taken twice, and grants never pile up past
+    # the credit. (Which receiver resumes first is the event loop's business, so the
+    # order of processing across two receivers is not a property of the channel.)
+    broker = await _broker()
+    push = transport.push(broker.front_address, bind=False, sender="src/0")
+    w = WorkPuller(broker.back_address, sender="w/0", credit=4)
+    got: list[int] = []
+    most_outstanding = 0
+
+    async def receive():
+        nonlocal most_outstanding
+        while True:
+            msg = await w.recv()
+            got.append(msg.step)
+            most_outstanding = max(most_outstanding, w.outstanding)
+            if msg.step % 7 == 0:
+                await asyncio.sleep(0.002)  # the other receiver waits in the asyncio path meanwhile
+
+    tasks = [asyncio.create_task(receive()) for _ in range(2)]
+    for s in range(120):
+        await push.send(m.Progress(s, 0, []))
+        if s % 30 == 0:
+            await asyncio.sleep(0.05)  # batches that queue up, then gaps that park both receivers
+    for _ in range(250):
+        if len(got) == 120:
+            break
+        await asyncio.sleep(0.02)
+    for t in tasks:
+        t.cancel()
+    w.close()
+    push.close()
+    broker.close()
+    assert sorted(got) == list(range(120))
+    assert most_outstanding <= 4
