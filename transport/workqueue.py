@@ -30,7 +30,7 @@ import zmq
 
 from schemas.messages import Credit, Envelope, Message
 from transport.base import DEFAULT_HWM, DEFAULT_LINGER_MS, DEFAULT_MAX_MESSAGE_BYTES, Receiver
-from transport.zmq_sockets import PullChannel, RouterChannel, _recv_now, _send_now, _ZmqChannel
+from transport.zmq_sockets import PullChannel, RouterChannel, _ZmqChannel
 
 SEND_RETRY_S = 0.001
 """Retry interval of a send to a worker whose pipe is full: short (the worker is reading),
@@ -187,46 +187,17 @@ class WorkPuller(_ZmqChannel, Receiver):
                  linger_ms: int = DEFAULT_LINGER_MS, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         Receiver.__init__(self, name, sender, max_message_bytes)
         self._open(zmq.DEALER, back, False, DEFAULT_HWM, linger_ms, max_message_bytes)
-        self._now = zmq.Socket.shadow(self.sock.underlying)
-        self._sending = 0  # coroutines parked in the asyncio send
-        self._receiving = 0  # and in the asyncio recv
         self.max_credit = credit
         self.outstanding = 0
         self.draining = False
         self._revoke_sent = False
-
-    async def _send(self, msg: Message) -> None:
-        frames = self.codec.encode(msg)
-        if not self._sending:
-            try:
-                _send_now(self._now, frames)
-                return
-            except zmq.Again:
-                pass
-        self._sending += 1
-        try:
-            await self.sock.send_multipart(frames, copy=False)
-        finally:
-            self._sending -= 1
-
-    async def _recv_frames(self) -> list[Any]:
-        if not self._receiving:
-            try:
-                return _recv_now(self._now)
-            except zmq.Again:
-                pass
-        self._receiving += 1
-        try:
-            return await self.sock.recv_multipart(copy=False)
-        finally:
-            self._receiving -= 1
 
     async def _grant(self) -> None:
         n = self.max_credit - self.outstanding
         if n > 0 and not self.draining:
             self.outstanding += n  # before the await: a second receiver must not grant it again
             try:
-                await self._send(Credit(n, self.codec.sender))
+                await self._send_frames(self.codec.encode(Credit(n, self.codec.sender)))
             except BaseException:
                 self.outstanding -= n
                 raise
@@ -235,7 +206,7 @@ class WorkPuller(_ZmqChannel, Receiver):
         while True:
             await self._grant()
             if self.draining and not self._revoke_sent and self.outstanding > 0:
-                await self._send(Credit(-self.outstanding, self.codec.sender))
+                await self._send_frames(self.codec.encode(Credit(-self.outstanding, self.codec.sender)))
                 self._revoke_sent = True
             if self.draining and self.outstanding == 0:
                 raise EOFError(f"{self.name}: drained")

@@ -85,6 +85,38 @@ class _ZmqChannel:
         self.sock = _make_socket(kind, hwm, linger_ms, max_bytes)
         self.address = _attach(self.sock, address, bind)
         self._closed = False
+        self._now = zmq.Socket.shadow(self.sock.underlying)  # plain view: non-blocking calls
+        self._sending = 0  # coroutines parked in the asyncio send
+        self._receiving = 0  # and in the asyncio recv
+
+    async def _send_frames(self, frames: Sequence[Any]) -> None:
+        """Send one message: at once when it fits, else (or while another coroutine waits
+        in it, so order is kept) through pyzmq's asyncio send."""
+        if not self._sending:
+            try:
+                _send_now(self._now, frames)
+                return
+            except zmq.Again:
+                pass
+        self._sending += 1
+        try:
+            await self.sock.send_multipart(frames, copy=False)
+        finally:
+            self._sending -= 1
+
+    async def _recv_frames(self) -> list[Any]:
+        """The next message's frames: at once when one is there, else (or while another
+        coroutine waits in it, so order is kept) through pyzmq's asyncio recv."""
+        if not self._receiving:
+            try:
+                return _recv_now(self._now)
+            except zmq.Again:
+                pass
+        self._receiving += 1
+        try:
+            return await self.sock.recv_multipart(copy=False)
+        finally:
+            self._receiving -= 1
 
     def close(self) -> None:
         if not self._closed:
@@ -124,24 +156,9 @@ class PushChannel(_ZmqChannel, Sender):
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         Sender.__init__(self, name, sender, max_message_bytes)
         self._open(zmq.PUSH, address, bind, hwm, linger_ms, max_message_bytes)
-        self._now = zmq.Socket.shadow(self.sock.underlying)
-        self._waiting = 0  # coroutines parked in the asyncio send
 
     async def send(self, msg: Message) -> None:
-        frames = self.codec.encode(msg)
-        if not self._waiting:
-            try:
-                _send_now(self._now, frames)
-            except zmq.Again:
-                pass
-            else:
-                self.stats.sent += 1
-                return
-        self._waiting += 1
-        try:
-            await self.sock.send_multipart(frames, copy=False)
-        finally:
-            self._waiting -= 1
+        await self._send_frames(self.codec.encode(msg))
         self.stats.sent += 1
 
 
@@ -153,24 +170,10 @@ class PullChannel(_ZmqChannel, Receiver):
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         Receiver.__init__(self, name, sender, max_message_bytes)
         self._open(zmq.PULL, address, bind, hwm, linger_ms, max_message_bytes)
-        self._now = zmq.Socket.shadow(self.sock.underlying)
-        self._waiting = 0  # coroutines parked in the asyncio recv
 
     async def recv_envelope(self) -> tuple[Envelope, Message]:
         while True:
-            frames = None
-            if not self._waiting:
-                try:
-                    frames = _recv_now(self._now)
-                except zmq.Again:
-                    pass
-            if frames is None:
-                self._waiting += 1
-                try:
-                    frames = await self.sock.recv_multipart(copy=False)
-                finally:
-                    self._waiting -= 1
-            got = self._accept(frames)
+            got = self._accept(await self._recv_frames())
             if got is not None:
                 return got
 
