@@ -53,11 +53,10 @@ class WorkBroker:
         self.back = RouterChannel(back, sender=f"broker/{name}", name=f"{name}.back",
                                   hwm=hwm, max_message_bytes=max_message_bytes)
         self.back.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable → error, not silent drop
-        # Plain (non-asyncio) views of the same sockets: every call the broker makes is
-        # non-blocking (see ``_run``); pyzmq's asyncio wrappers cost a future and event
+        # The channels' plain (non-asyncio) views of their sockets: every call the broker makes
+        # is non-blocking (see ``_run``); pyzmq's asyncio wrappers cost a future and event
         # bookkeeping per call, a large share of the broker's CPU at thousands of items/s.
-        self._back_now = zmq.Socket.shadow(self.back.sock.underlying)
-        self._front_now = zmq.Socket.shadow(self.front.sock.underlying)
+        self._back_now, self._front_now = self.back._now, self.front._now
         self.front_address, self.back_address = self.front.address, self.back.address
         self.hwm = hwm
         self.queue: collections.deque[list[Any]] = collections.deque()
