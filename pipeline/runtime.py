@@ -41,6 +41,7 @@ import structlog
 
 import transport
 from pipeline import endpoints as ep
+from pipeline import malloc
 from schemas.messages import Control, ControlCommand, Credit, Heartbeat, Message, Metrics
 from schemas.stack import Stack
 from transport.heartbeat import beat_forever
@@ -344,7 +345,8 @@ async def run_stage(kind: str, replica: int, run_dir: Path,
         loop.create_task(_follow_control(ctx, body_task, spawned_at)),
         loop.create_task(_watch_parent(parent, body_task.cancel)),
     ]
-    log.info("stage started", pid=os.getpid(), started_at=time.time())
+    log.info("stage started", pid=os.getpid(), started_at=time.time(),
+             allocator=malloc.state)
     code = 0
     try:
         await body_task

@@ -9,6 +9,9 @@
 ``CONVEYOR_PROFILE_TIMER=cpu`` by the main thread's CPU time, which is what to read where
 stages share few cores (wall time there is mostly waiting to be scheduled). Either way only
 the main thread is profiled: work a stage hands to a thread (the learner's steps) is not.
+
+glibc's malloc thresholds are fixed first (``pipeline.malloc``): without it a CPU learner
+step faults its activations in anew every step.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-import transport
-from pipeline.runtime import run_stage
+from pipeline.malloc import tune_allocator
+
+tune_allocator()  # before torch and the stage are imported: every tensor a stage allocates sees it
+
+import transport  # noqa: E402
+from pipeline.runtime import run_stage  # noqa: E402
 
 STAGE_KINDS = ("source", "rollout", "reward", "logprob", "learner", "publisher")
 

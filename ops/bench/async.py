@@ -11,7 +11,8 @@ Also printed per run: seconds from launch until the 10-step mean reward first re
 and how many cores the stack kept busy between its first and last step (CPU time of every
 process of the stack, from ``/proc``, over that window; Linux only). On a machine of ``C``
 cores no schedule beats sync by more than ``C / (sync's cores busy)`` at equal CPU per
-sample, which bounds the speedup this bench can show there.
+sample, which bounds the speedup this bench can show there. Per stage kind, the CPU time
+and the minor page faults per step over the same window.
 samples/s = completions trained between the first and the last step / wall time between
 them (start-up excluded); final reward = mean reward of the last 10% of steps. With
 ``--pairs P`` the two runs are repeated P times, one pair after the other, and the last line
@@ -62,11 +63,11 @@ def _stage_of(pid: int) -> str:
     return "supervisor"
 
 
-def tree_cpu_by_stage(root: int) -> dict[str, float]:
-    """utime + stime of ``root`` and every process below it, from ``/proc``, summed by
-    stage kind (0 where absent)."""
+def tree_usage_by_stage(root: int) -> dict[str, tuple[float, int]]:
+    """(utime + stime in seconds, minor page faults) of ``root`` and every process below
+    it, from ``/proc``, summed by stage kind."""
     tick = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
+    parent, usage = {}, {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -75,17 +76,18 @@ def tree_cpu_by_stage(root: int) -> dict[str, float]:
         except OSError:
             continue
         parent[int(d)] = int(fields[1])
-        cpu[int(d)] = (int(fields[11]) + int(fields[12])) / tick
-    by_stage: dict[str, float] = {}
+        usage[int(d)] = ((int(fields[11]) + int(fields[12])) / tick, int(fields[7]))
+    by_stage: dict[str, tuple[float, int]] = {}
     todo = [root]
     children: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
         children.setdefault(ppid, []).append(pid)
     while todo:
         pid = todo.pop()
-        if pid in cpu:
+        if pid in usage:
             kind = _stage_of(pid)
-            by_stage[kind] = by_stage.get(kind, 0.0) + cpu[pid]
+            cpu, faults = by_stage.get(kind, (0.0, 0))
+            by_stage[kind] = (cpu + usage[pid][0], faults + usage[pid][1])
         todo += children.get(pid, [])
     return by_stage
 
@@ -99,9 +101,10 @@ class StepCpu(threading.Thread):
     def __init__(self, root: int, metrics: Path, steps: int) -> None:
         super().__init__(daemon=True)
         self.root, self.metrics, self.steps = root, metrics, steps
-        self.first: tuple[float, dict[str, float], int] | None = None
-        self.last: tuple[float, dict[str, float], int] | None = None
-        """(time, CPU seconds by stage kind, steps logged) at the first and the latest read."""
+        self.first: tuple[float, dict[str, tuple[float, int]], int] | None = None
+        self.last: tuple[float, dict[str, tuple[float, int]], int] | None = None
+        """(time, (CPU seconds, page faults) by stage kind, steps logged) at the first and the
+        latest read."""
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -113,25 +116,26 @@ class StepCpu(threading.Thread):
                 n = 0
             if seen < n < self.steps:
                 seen = n
-                sample = (time.time(), tree_cpu_by_stage(self.root), n)
+                sample = (time.time(), tree_usage_by_stage(self.root), n)
                 self.first = self.first or sample
                 self.last = sample
             self.done.wait(CPU_POLL_S)
 
-    def cpu_by_stage(self) -> dict[str, float]:
-        """CPU seconds each stage kind spent between the first and the latest step."""
+    def usage_by_stage(self, i: int) -> dict[str, float]:
+        """CPU seconds (``i`` 0) or page faults (1) of each stage kind between the first and
+        the latest step."""
         if not self.first or not self.last:
             return {}
-        return {k: v - self.first[1].get(k, 0.0) for k, v in self.last[1].items()}
+        return {k: v[i] - self.first[1].get(k, (0.0, 0))[i] for k, v in self.last[1].items()}
 
-    def cpu_ms_per_step(self) -> dict[str, float]:
+    def per_step(self, i: int) -> dict[str, float]:
         steps = self.last[2] - self.first[2] if self.first and self.last else 0
-        return {k: 1e3 * v / steps for k, v in sorted(self.cpu_by_stage().items())} if steps else {}
+        return {k: v / steps for k, v in sorted(self.usage_by_stage(i).items())} if steps else {}
 
     def cores_busy(self) -> float | None:
         if not self.first or not self.last or self.last[0] <= self.first[0]:
             return None
-        return sum(self.cpu_by_stage().values()) / (self.last[0] - self.first[0])
+        return sum(self.usage_by_stage(0).values()) / (self.last[0] - self.first[0])
 
 
 def run(stack: Path, run_dir: Path, steps: int) -> dict:
@@ -152,7 +156,8 @@ def run(stack: Path, run_dir: Path, steps: int) -> dict:
     tail = rows[-max(1, len(rows) // 10):]
     return {"samples_per_s": trained / elapsed, "final_reward": sum(r["reward_mean"] for r in tail) / len(tail),
             "steps": len(rows), "seconds": elapsed, "time_to_target_s": reached, "cores_busy": watch.cores_busy(),
-            "cpu_ms_per_step": watch.cpu_ms_per_step()}
+            "cpu_ms_per_step": {k: 1e3 * v for k, v in watch.per_step(0).items()},
+            "faults_per_step": watch.per_step(1)}
 
 
 def main() -> None:
@@ -183,6 +188,8 @@ def main() -> None:
                 if r["cpu_ms_per_step"]:
                     print("  CPU ms per step by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms_per_step"].items())
                           + f"; total {sum(r['cpu_ms_per_step'].values()):.1f}", flush=True)
+                    print("  page faults per step by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in r["faults_per_step"].items())
+                          + f"; total {sum(r['faults_per_step'].values()):.0f}", flush=True)
             pairs.append(out)
     med = statistics.median
     sync, asyn = med(p[0]["samples_per_s"] for p in pairs), med(p[2]["samples_per_s"] for p in pairs)
