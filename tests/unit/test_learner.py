@@ -460,4 +460,7 @@ def test_compiled_layers_train_like_eager_layers(one_rank, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
     pa, pb = params(eager), params(compiled)
     assert pa.keys() == pb.keys()  # compiled in place: state-dict names unchanged
-    assert max(float(np.abs(pa[k] - pb[k]).max()) for k in pa) <= 1e-4
+    # Rounding only: eager CPU linears run on oneDNN, compiled ones on inductor's kernels,
+    # and AdamW turns a rounding-sized gradient into an update of up to ~lr (1e-2 here) for
+    # components whose gradient is near zero; 2 steps of that stay far below it.
+    assert max(float(np.abs(pa[k] - pb[k]).max()) for k in pa) <= 1e-3

@@ -10,7 +10,8 @@ Speed: for small models a decode step costs per-op overhead, not FLOPs, so the q
 gate/up projections run as one matmul each. The fused weight is the *storage* of the
 original parameters (their ``.data`` become row views of it), so ``named_parameters``,
 ``state_dict`` and in-place weight loads are unchanged and need no re-fusing. Norms use
-``F.rms_norm`` (one kernel) instead of the module's five ops.
+``F.rms_norm`` (one kernel) instead of the module's five ops. Projections go through
+``stages.model.cpu_linear.linear``: oneDNN for fp32 on CPU from 32 rows up, else ``F.linear``.
 
 Adopted weights (``adopt``): the parameters become views into a received payload (a
 shared-memory weight slot) instead of private storage, and each fused group becomes one
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from stages.model.cpu_linear import linear
 
 
 def _rows_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
@@ -114,7 +117,7 @@ class _Layer:
 
     def qkv(self, h, cos, sin):
         b, t, _ = h.shape
-        q, k, v = F.linear(_rms(h, self.ln_in), self.qkv_w, self.qkv_b).split(self.split, dim=-1)
+        q, k, v = linear(_rms(h, self.ln_in), self.qkv_w, self.qkv_b).split(self.split, dim=-1)
         q = _rms(q.view(b, t, self.n_heads, self.head_dim), self.q_norm).transpose(1, 2)
         k = _rms(k.view(b, t, self.n_kv, self.head_dim), self.k_norm).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -128,7 +131,7 @@ class _Layer:
         if self.mlp is not None:
             out = self.mlp(x)
             return h + (out[0] if isinstance(out, tuple) else out)  # MoE blocks may add router logits
-        gate, up = F.linear(x, self.gate_up_w, self.gate_up_b).chunk(2, dim=-1)
+        gate, up = linear(x, self.gate_up_w, self.gate_up_b).chunk(2, dim=-1)
         return h + self.down(self.act(gate) * up)
 
 
@@ -187,7 +190,7 @@ class SlotDecoder:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.model.lm_head
-        return F.linear(_rms(h, self.model.model.norm), head.weight, head.bias).float()
+        return linear(_rms(h, self.model.model.norm), head.weight, head.bias).float()
 
     @torch.inference_mode()
     def prefill(self, prompts: list[torch.Tensor], slots: list[int], owners: list[int]) -> torch.Tensor:
