@@ -64,3 +64,27 @@ def test_model_keeps_parameters_and_outputs():
         ref = plain(input_ids=ids).logits
         got = fast(input_ids=ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_non_cpu_tensors_take_f_linear():
+    # meta stands in for CUDA here: anything not on the CPU must never reach the oneDNN op
+    x, w = torch.empty(64, 16, device="meta"), torch.empty(8, 16, device="meta")
+    out = linear(x, w)
+    assert out.device.type == "meta" and out.shape == (64, 8)
+
+
+@needs_onednn
+def test_module_gradients_accumulate_on_its_own_parameters():
+    # Two backward passes: the gradients land (and add up) on the module's parameters.
+    layer = torch.nn.Linear(32, 48, bias=True)
+    use_onednn_linears(layer)
+    assert type(layer) is OneDnnLinear
+    x = torch.randn(40, 32)
+    layer(x).sum().backward()
+    layer(x).sum().backward()
+    ref = torch.nn.Linear(32, 48, bias=True)
+    ref.load_state_dict(layer.state_dict())
+    for _ in range(2):
+        ref(x).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
