@@ -6,7 +6,8 @@ Each world size runs in its own spawned gloo world (one process per rank, FSDP2)
 synthetic batches: ``--groups`` groups of 16 samples with 16-48 completion tokens and an
 8-token prompt, packed into micro-batches of 4096 tokens. Two warm-up steps, then
 ``--steps`` timed steps; tokens/s = the median over steps of completion tokens trained
-/ step wall time (all ranks together). On a 2-core machine W=2 shares the same cores, so
+/ step wall time (all ranks together). Each rank fixes glibc's malloc thresholds first, as a
+stage process does (``pipeline.malloc``). On a 2-core machine W=2 shares the same cores, so
 it shows the sharding and collective overhead rather than a speed-up. Last line:
 
     bench learner: tokens_per_s_w1=N tokens_per_s_w2=M
@@ -36,10 +37,11 @@ def _bench(steps: int, groups: int) -> float:
     import torch
     import torch.distributed as dist
 
+    from pipeline.malloc import tune_allocator
+    from stages.learner.config import LearnerConfig
     from stages.learner.trainer import Learner
 
-    from stages.learner.config import LearnerConfig
-
+    tune_allocator()  # as every stage process does (pipeline/stage.py)
     torch.set_num_threads(max(1, torch.get_num_threads() // dist.get_world_size()))
     cfg = LearnerConfig(model="tiny", lr=1e-3, micro_batch_tokens=MICRO_BATCH_TOKENS, groups_per_step=groups,
                         max_staleness=10, run_dir=tempfile.mkdtemp())
