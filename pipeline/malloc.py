@@ -45,7 +45,7 @@ def _user_tuned(env: dict[str, str]) -> bool:
 
 def tune_allocator(env: dict[str, str] | None = None) -> str:
     """Set glibc's mmap and trim thresholds for this process; returns what was done (also
-    kept in ``state``): ``tuned``, ``user settings kept`` or ``not glibc``."""
+    kept in ``state``): ``tuned``, ``user settings kept``, ``not glibc`` or ``mallopt refused``."""
     global state
     state = _tune(os.environ if env is None else env)
     return state
@@ -63,4 +63,4 @@ def _tune(env: dict[str, str]) -> str:
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    return "tuned" if ok else "not glibc"
+    return "tuned" if ok else "mallopt refused"

@@ -44,7 +44,9 @@ _LINEAR = _onednn_op()
 
 
 def _mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ bᵀ`` (2-D, fp32) on oneDNN; strided operands are read in place."""
+    """``a @ bᵀ`` (2-D, fp32) on oneDNN. Transposed (strided) operands are accepted; the op
+    copies them contiguous where it must (the weight gradient's two, ~0.9 ms a step on the
+    default learner), still ~1.7× faster than MKL on the same operands."""
     return _LINEAR(a, b, None, "none", [], "")
 
 
