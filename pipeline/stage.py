@@ -24,12 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import transport
 from pipeline.malloc import tune_allocator
-
-tune_allocator()  # before torch and the stage are imported: every tensor a stage allocates sees it
-
-import transport  # noqa: E402
-from pipeline.runtime import run_stage  # noqa: E402
+from pipeline.runtime import run_stage
 
 STAGE_KINDS = ("source", "rollout", "reward", "logprob", "learner", "publisher")
 
@@ -50,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replica", type=int, default=0)
     ap.add_argument("--name", default=None, help="stage name in logs (default: kind)")
     args = ap.parse_args(argv)
+    tune_allocator()  # before the stage is imported and allocates: every tensor it makes sees it
     body = resolve(args.kind)
     name = args.name or (args.kind if ":" not in args.kind else args.kind.split(":")[1])
     profile_dir = os.environ.get("CONVEYOR_PROFILE_DIR")

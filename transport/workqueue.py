@@ -53,10 +53,10 @@ class WorkBroker:
         self.back = RouterChannel(back, sender=f"broker/{name}", name=f"{name}.back",
                                   hwm=hwm, max_message_bytes=max_message_bytes)
         self.back.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable → error, not silent drop
-        # The channels' plain (non-asyncio) views of their sockets: every call the broker makes
-        # is non-blocking (see ``_run``); pyzmq's asyncio wrappers cost a future and event
-        # bookkeeping per call, a large share of the broker's CPU at thousands of items/s.
-        self._back_now, self._front_now = self.back._now, self.front._now
+        # Every call the broker makes goes through the channels' plain (non-asyncio) socket
+        # views, ``_now``, and is non-blocking (see ``_run``); pyzmq's asyncio wrappers cost a
+        # future and event bookkeeping per call, a large share of the broker's CPU at
+        # thousands of items/s.
         self.front_address, self.back_address = self.front.address, self.back.address
         self.hwm = hwm
         self.queue: collections.deque[list[Any]] = collections.deque()
@@ -91,7 +91,7 @@ class WorkBroker:
         # against 115-140 µs with the Poller; 6.5-7.1k items/s against 5.7-6.4k.
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        back_fd, front_fd = self._back_now.getsockopt(zmq.FD), self._front_now.getsockopt(zmq.FD)
+        back_fd, front_fd = self.back._now.getsockopt(zmq.FD), self.front._now.getsockopt(zmq.FD)
         loop.add_reader(back_fd, wake.set)
         front_watched = False
         try:
@@ -105,11 +105,11 @@ class WorkBroker:
                     front_watched = want_front
                 wake.clear()
                 await self._drain_back()
-                front = self._front_now
+                front = self.front._now
                 while len(self.queue) < self.hwm and front.getsockopt(_EVENTS) & _POLLIN:
                     self.queue.append(front.recv_multipart(_NOBLOCK, copy=False))
                 await self._dispatch()
-                if (self._back_now.getsockopt(_EVENTS) & _POLLIN
+                if (self.back._now.getsockopt(_EVENTS) & _POLLIN
                         or len(self.queue) < self.hwm and front.getsockopt(_EVENTS) & _POLLIN):
                     continue
                 await wake.wait()
@@ -120,7 +120,7 @@ class WorkBroker:
 
     async def _drain_back(self) -> None:
         """Every credit message waiting on the back socket: grants and revocations."""
-        back = self._back_now
+        back = self.back._now
         while back.getsockopt(_EVENTS) & _POLLIN:
             ident, *frames = back.recv_multipart(_NOBLOCK, copy=False)
             got = self.back._accept(frames)
@@ -144,7 +144,7 @@ class WorkBroker:
         is gone."""
         while True:
             try:
-                self._back_now.send_multipart(frames, _NOBLOCK, copy=False)
+                self.back._now.send_multipart(frames, _NOBLOCK, copy=False)
                 return
             except zmq.Again:
                 await asyncio.sleep(SEND_RETRY_S)

@@ -47,6 +47,8 @@ TARGET_REWARD = 0.8
 
 CPU_POLL_S = 0.2
 """How often the CPU of the stack's processes is read while it runs."""
+CPU_S, FAULTS = 0, 1
+"""Indices into a stage kind's (CPU seconds, minor page faults) usage pair."""
 
 
 def _stage_of(pid: int) -> str:
@@ -122,8 +124,8 @@ class StepCpu(threading.Thread):
             self.done.wait(CPU_POLL_S)
 
     def usage_by_stage(self, i: int) -> dict[str, float]:
-        """CPU seconds (``i`` 0) or page faults (1) of each stage kind between the first and
-        the latest step."""
+        """``CPU_S`` or ``FAULTS`` (``i``) of each stage kind between the first and the latest
+        step."""
         if not self.first or not self.last:
             return {}
         return {k: v[i] - self.first[1].get(k, (0.0, 0))[i] for k, v in self.last[1].items()}
@@ -135,7 +137,7 @@ class StepCpu(threading.Thread):
     def cores_busy(self) -> float | None:
         if not self.first or not self.last or self.last[0] <= self.first[0]:
             return None
-        return sum(self.usage_by_stage(0).values()) / (self.last[0] - self.first[0])
+        return sum(self.usage_by_stage(CPU_S).values()) / (self.last[0] - self.first[0])
 
 
 def run(stack: Path, run_dir: Path, steps: int) -> dict:
@@ -156,8 +158,8 @@ def run(stack: Path, run_dir: Path, steps: int) -> dict:
     tail = rows[-max(1, len(rows) // 10):]
     return {"samples_per_s": trained / elapsed, "final_reward": sum(r["reward_mean"] for r in tail) / len(tail),
             "steps": len(rows), "seconds": elapsed, "time_to_target_s": reached, "cores_busy": watch.cores_busy(),
-            "cpu_ms_per_step": {k: 1e3 * v for k, v in watch.per_step(0).items()},
-            "faults_per_step": watch.per_step(1)}
+            "cpu_ms_per_step": {k: 1e3 * v for k, v in watch.per_step(CPU_S).items()},
+            "faults_per_step": watch.per_step(FAULTS)}
 
 
 def main() -> None:
