@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from transport.base import Channel, Receiver, Sender, SocketStats  # noqa: F401
-from transport.codec import Codec, DecodeError, array_block  # noqa: F401
+from transport.codec import Codec, DecodeError  # noqa: F401
 
 MEM_SCHEME = "mem://"
 

@@ -9,10 +9,7 @@ Frame layout of one message::
                        ``Message``; arrays appear as [dtype, shape, ref]), zero pad to 16 bytes
                 pool   mid-sized arrays packed back to back (16-byte aligned); empty when the
                        message has no arrays above the inline size
-    frame 1.. large arrays, one frame each, sent from the array's own memory; and shared
-              buffers: a buffer that mid-sized arrays of the message are views of (an
-              ``array_block``, or the pool of a received message being forwarded), sent
-              whole from its own memory, the arrays referenced by offset into it
+    frame 1.. large arrays, one frame each, sent from the array's own memory
 
 One frame for everything but large arrays: each ZeroMQ frame costs a zmq_msg, a send call
 and a Python Frame object on receive, which on a Rollout of 8×4096 tokens was ~11 % of raw
@@ -23,23 +20,7 @@ frame 2 pool, frames 3.. large arrays.
 
 An array field is encoded as ``[dtype_str, shape, ref]`` where ``ref`` is the raw bytes
 inline (arrays under ``INLINE_MAX_BYTES``), ``[offset]`` into the pool (up to
-``OWN_FRAME_MIN_BYTES``), ``[offset, k]`` into shared-buffer frame ``k``, or an int ``k``:
-the whole of frame ``k`` (frames counted from 0 after frame 0). Messages using ``[offset, k]``
-say layout 2 in their head, so a decoder that predates the form refuses them as malformed
-instead of misreading them; layout 1 is the same without it.
-
-Shared buffers (why): copying mid-sized arrays into the pool was the largest cost of sending
-a Rollout of 8×4096 tokens between two processes: ~45 µs of the sender's CPU a message on
-the 2-core machine (the pool buffers cycle through tens of MiB while queued in zmq, so every
-copy writes cold memory), against ~25 µs to send the frames. A mid-sized array that is a
-C-contiguous view of a buffer (the top ndarray of its ``.base`` chain, C-contiguous) is
-therefore referenced inside that buffer, which travels as one zero-copy frame, unless less
-than ``1 / SHARED_MAX_OVERHEAD`` of the buffer is referenced (sending many bytes nobody reads
-costs more than copying the few that are), in which case the message is encoded again with
-copies. Arrays that own their memory (the common ``np.asarray``) cost one ``.base`` check and
-are copied as before. A stage that forwards what it received (reward, logprob) thus sends the
-received pool on without a copy, and a producer that builds its arrays in an ``array_block``
-sends them without one.
+``OWN_FRAME_MIN_BYTES``), or an int: the index of its own frame among the large-array frames.
 
 Invariants and failure behaviour:
 - No pickle: msgpack and raw buffers only.
@@ -51,9 +32,6 @@ Invariants and failure behaviour:
 - A pool frame is written into a buffer the codec reuses once nothing references the frame
   any more (zmq done sending it, the caller dropped it); a frame still referenced anywhere
   is never overwritten. Encoded frames are therefore buffers (bytes or memoryview).
-- Arrays sent from their own memory (large arrays, shared buffers) must not be written after
-  ``send``: ZeroMQ reads them while the message waits in its queue. Received arrays are
-  read-only, and producers build fresh arrays per message.
 - A codec instance is not thread-safe (it keeps the frame list of the message in progress
   and its pool buffers); give each socket its own.
 """
@@ -61,7 +39,6 @@ Invariants and failure behaviour:
 from __future__ import annotations
 
 import collections
-import ctypes
 import io
 import itertools
 import struct
@@ -107,20 +84,11 @@ POOL_REUSE_MAX_BYTES = 8 << 20
 """Pool frames larger than this are not kept for reuse (a handful of them would fill the
 retained budget); their page faults are small next to the copy of that many bytes."""
 
-SHARED_MAX_OVERHEAD = 2
-"""A shared buffer is sent whole only while its size is at most this many times the bytes
-of the message's arrays in it; otherwise those arrays are copied into the pool."""
-SHARED_MAX_BUFFERS = 4
-"""Distinct shared buffers per message; arrays of further buffers are copied (each buffer is
-one more frame)."""
-
 REJECT_REASONS = ("malformed", "unknown_tag", "newer_schema", "oversize")
 
 PACKED_MAGIC = 0xC1
 """First byte of a one-buffer head frame: msgpack never uses it, an Envelope never starts with it."""
 PACKED_LAYOUT = 1
-SHARED_LAYOUT = 2
-"""Layout byte of a message with ``[offset, k]`` references (shared buffers)."""
 _HEAD = struct.Struct("<BBHI")
 
 
@@ -141,17 +109,14 @@ class Codec:
         self.sender = sender
         self.max_message_bytes = max_message_bytes
         self._ids = itertools.count(1)
-        self._out_arrays: list[Any] = []
-        self._shared: dict[int, list[Any]] = {}  # buffer address → [frame index, size, bytes referenced, address]
-        self._roots: dict[int, list[Any]] = {}  # id of an array's base → its buffer's entry
-        self._share = _SHARE_OK  # False while re-encoding a message with copies only
+        self._out_arrays: list[np.ndarray] = []
         self._pool_len = 0
         self._out_pool: list[Any] = []  # arrays (and pads) of the pool frame being encoded
         self._busy: collections.deque[io.BytesIO] = collections.deque()  # handed out, in order
         self._free: list[io.BytesIO] = []  # released; the last one released on top
         self._pool_bytes = 0  # retained in both
         self._in_pool: Any = b""
-        self._in_views: dict[Any, Any] = {}  # dtype (pool) or (frame, dtype) → typed view
+        self._in_views: dict[np.dtype, np.ndarray] = {}
         self._small: dict[tuple[str, tuple, bytes], np.ndarray] = {}
         self._in_frames: Sequence[Any] = ()
         self._env_enc = msgspec.msgpack.Encoder()
@@ -171,12 +136,6 @@ class Codec:
         if n < INLINE_MAX_BYTES:
             ref: Any = arr.tobytes()
         elif n < OWN_FRAME_MIN_BYTES:
-            base = arr.base
-            if base is not None and self._share:
-                ref = self._shared_ref(arr, base, n)
-                if ref is not None:
-                    dt = arr.dtype
-                    return (_DTYPE_STR.get(dt) or _DTYPE_STR.setdefault(dt, dt.str), arr.shape, ref)
             off = self._pool_len
             self._out_pool.append(arr)
             pad = -n & _ALIGN_MASK
@@ -191,41 +150,6 @@ class Codec:
             ref = len(self._out_arrays) - 1
         dt = arr.dtype
         return (_DTYPE_STR.get(dt) or _DTYPE_STR.setdefault(dt, dt.str), arr.shape, ref)
-
-    def _shared_ref(self, arr: np.ndarray, base: Any, n: int) -> list[int] | None:
-        """``[offset, k]`` of ``arr`` (a view of ``base``, ``n`` bytes) inside the buffer it
-        views, that buffer becoming frame ``k`` if it is not one already; None: copy it.
-        The buffer is the top ndarray of the ``.base`` chain; typed views of one buffer
-        (a received pool seen as int32 and as float32) share its frame, by start address."""
-        if type(base) is not np.ndarray:
-            return None
-        entry = self._roots.get(id(base))  # the arrays hold their roots: ids are stable here
-        if entry is None:
-            root = base
-            while type(up := root.base) is np.ndarray:
-                root = up
-            entry = self._root_entry(root)
-            self._roots[id(base)] = entry
-        if entry is _NO_ENTRY or not arr.flags.c_contiguous:
-            return None
-        off = _ADDRESS(id(arr) + _OBJ_HEAD).value - entry[3]
-        if off < 0 or off + n > entry[1]:
-            return None
-        entry[2] += n
-        return [off, entry[0]]
-
-    def _root_entry(self, root: np.ndarray) -> list[Any]:
-        """The message's entry for buffer ``root``: [frame index, size, bytes referenced,
-        start address], adding its frame; ``_NO_ENTRY`` when it cannot be shared."""
-        start = _ADDRESS(id(root) + _OBJ_HEAD).value
-        entry = self._shared.get(start)
-        if entry is not None and entry[1] == root.nbytes:
-            return entry
-        if entry is not None or len(self._shared) >= SHARED_MAX_BUFFERS or not root.flags.c_contiguous:
-            return _NO_ENTRY
-        entry = self._shared[start] = [len(self._out_arrays), root.nbytes, 0, start]
-        self._out_arrays.append(memoryview(root).cast("B"))  # zmq sends it from its own memory
-        return entry
 
     def _pool_buffer(self) -> io.BytesIO:
         """A pool buffer that nothing else references, positioned at its start."""
@@ -274,16 +198,8 @@ class Codec:
         env = self._env_enc.encode(Envelope(SCHEMA_VERSION, next(self._ids), self.sender, time.time(), tag))
         try:
             body = self._body_enc.encode(msg)
-            layout = PACKED_LAYOUT
-            if self._shared:
-                if any(e[1] > SHARED_MAX_OVERHEAD * e[2] for e in self._shared.values()):
-                    self._share = False  # mostly unreferenced bytes: copy the arrays instead
-                    self._out_arrays, self._out_pool, self._pool_len, self._shared, self._roots = [], [], 0, {}, {}
-                    body = self._body_enc.encode(msg)
-                else:
-                    layout = SHARED_LAYOUT
             n = _HEAD.size + len(env) + len(body)
-            head = [_HEAD.pack(PACKED_MAGIC, layout, len(env), len(body)), env, body]
+            head = [_HEAD.pack(PACKED_MAGIC, PACKED_LAYOUT, len(env), len(body)), env, body]
             if not self._out_pool:
                 return [b"".join(head), *self._out_arrays]
             pad = -n & _ALIGN_MASK
@@ -292,9 +208,6 @@ class Codec:
             return [self._fill_pool(head, n + pad), *self._out_arrays]
         finally:
             self._out_arrays, self._out_pool, self._pool_len = [], [], 0
-            if self._roots:
-                self._shared, self._roots = {}, {}
-            self._share = _SHARE_OK
 
     # ------------------------------------------------------------------ decode
     def _dec_hook(self, typ: type, obj: Any) -> Any:
@@ -320,21 +233,14 @@ class Codec:
                 pass
             return arr
         if type(ref) is list:
-            if len(ref) == 1:
-                key: Any = dtype
-                pv = self._in_views.get(key)
-                if pv is None:
-                    pv = self._pool_view(dtype)
-            else:
-                key = (ref[-1], dtype)
-                pv = self._in_views.get(key)
-                if pv is None:
-                    pv = self._frame_view(key)
+            pv = self._in_views.get(dtype)
+            if pv is None:
+                pv = self._pool_view(dtype)
             if pv:
                 try:
                     (count,) = shape
-                    off = ref[0]
-                except (TypeError, ValueError, IndexError):
+                    (off,) = ref
+                except (TypeError, ValueError):
                     pass
                 else:
                     if off >= 0 and not off & _ALIGN_MASK:
@@ -356,29 +262,11 @@ class Codec:
         self._in_views[dtype] = pv
         return pv
 
-    def _frame_view(self, key: tuple[Any, Any]) -> Any:
-        """``_pool_view`` of large frame ``key[0]`` (a shared buffer) for dtype ``key[1]``;
-        False when the frame index or dtype does not allow one (``_array`` then checks)."""
-        k, dtype = key
-        pv: Any = False
-        if type(k) is int and 0 <= k < len(self._in_frames):
-            dt, isz, sliceable = _SPECS.get(dtype) or _wire_spec(dtype)
-            if sliceable:
-                buf = _readonly(self._in_frames[k])
-                pv = (np.frombuffer(buf, dt, len(buf) // isz), isz.bit_length() - 1)
-        self._in_views[key] = pv
-        return pv
-
     def _array(self, dtype: Any, shape: Any, ref: Any) -> np.ndarray:
         """Any array reference (inline, pool, own frame), checked; a read-only view."""
         dt = (_SPECS.get(dtype) or _wire_spec(dtype))[0]
         t = type(ref)
-        if t is list and len(ref) == 2:
-            off, k = ref
-            if off < 0 or k < 0:
-                raise ValueError(f"negative shared reference {ref}")
-            buf = _readonly(self._in_frames[k])
-        elif t is list:
+        if t is list:
             (off,) = ref
             if off < 0:
                 raise ValueError(f"negative pool offset {off}")
@@ -402,7 +290,7 @@ class Codec:
             view = memoryview(f0)
             magic, layout, env_len, body_len = _HEAD.unpack_from(view)
             end = _HEAD.size + env_len + body_len
-            if layout not in (PACKED_LAYOUT, SHARED_LAYOUT) or end > len(view):
+            if layout != PACKED_LAYOUT or end > len(view):
                 raise DecodeError("malformed", "?", f"head frame of layout {layout} declares {end} bytes, "
                                                     f"has {len(view)}")
             start = end + (-end & _ALIGN_MASK)
@@ -468,42 +356,6 @@ def _wire_spec(name: str) -> tuple[np.dtype, int, bool]:
         raise ValueError(f"dtype {name!r} cannot travel on the wire")
     isz = dt.itemsize
     return _SPECS.setdefault(name, (dt, isz, POOL_ALIGN % isz == 0))
-
-
-def _calibrate_address_read() -> bool:
-    """Whether ``_ADDRESS(id(arr) + _OBJ_HEAD).value`` is ``arr``'s data pointer: the first
-    field after the object header in numpy's public ``PyArrayObject_fields``, read through
-    ctypes (~0.2 µs, against ~1.5 µs for ``arr.ctypes.data``); checked against
-    ``ctypes.data`` on probes. If it is not (another object layout), shared buffers are off
-    and every mid-sized array is copied, as before."""
-    try:
-        probes = [np.empty(64, np.uint8), np.zeros(3, np.float64)[1:], np.arange(10, dtype=np.int32)[::2]]
-        return all(_ADDRESS(id(a) + _OBJ_HEAD).value == a.ctypes.data for a in probes)
-    except Exception:  # noqa: BLE001 - any surprise means: do not use it
-        return False
-
-
-_ADDRESS = ctypes.c_size_t.from_address
-_OBJ_HEAD = object.__basicsize__
-_SHARE_OK = _calibrate_address_read()
-_NO_ENTRY: list[Any] = []
-"""A ``_roots`` value: this buffer cannot be shared (copy its arrays)."""
-
-
-def array_block(specs: Sequence[tuple[Any, Any]]) -> list[np.ndarray]:
-    """Uninitialised arrays of the given ``(shape, dtype)`` laid out in one buffer, each
-    ``POOL_ALIGN``-aligned within it. A message whose mid-sized arrays live in one block is
-    sent without copying them (the block is one frame); build a group's arrays in one block
-    when they are mid-sized (``INLINE_MAX_BYTES`` to ``OWN_FRAME_MIN_BYTES`` each) and
-    nothing else keeps the block alive long."""
-    dts = [np.dtype(dt) for _, dt in specs]
-    sizes = [int(np.prod(shape, dtype=np.int64)) * dt.itemsize for (shape, _), dt in zip(specs, dts)]
-    offsets, end = [], 0
-    for n in sizes:
-        offsets.append(end)
-        end += n + (-n & _ALIGN_MASK)
-    block = np.empty(end, np.uint8)
-    return [block[o:o + n].view(dt).reshape(shape) for (shape, _), dt, o, n in zip(specs, dts, offsets, sizes)]
 
 
 def _contiguous(part: Any) -> Any:

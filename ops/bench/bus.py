@@ -4,10 +4,7 @@
 
 Two processes: this one sends, a spawned one receives. Three payloads:
 (a) 64-byte control messages, (b) a Rollout of 8 samples × 4096 tokens with logprobs,
-built as the rollout stage builds one (``to_samples``: the group's ids and logprobs in one
-``array_block``, which the codec sends without copying), (c) a 16 MB array payload. Without
-``--quick`` also (b') the same Rollout with every array in its own allocation (what a
-producer that does not use a block sends: the codec copies its arrays into the pool). For each, "ours" sends the typed message through
+(c) a 16 MB array payload. For each, "ours" sends the typed message through
 ``transport.push``/``transport.pull`` (encode on every send, decode on every receive), and
 "raw" sends pre-serialized bytes of the same total size through a pyzmq asyncio PUSH/PULL
 pair with the same HWM. Both socket pairs live in the same two processes, and the modes
@@ -37,7 +34,6 @@ import zmq.asyncio
 
 import transport
 from schemas import messages as m
-from stages.rollout.engines.base import Completion, to_samples
 
 HWM = 64
 BATCH_S = 0.1
@@ -55,12 +51,14 @@ def control_msg() -> m.Message:
     return m.Control(m.ControlCommand.PAUSE, "rollout/12", "weights v123456 incoming")
 
 
-def rollout_msg(block: bool = True) -> m.Message:
+def rollout_msg() -> m.Message:
     rng = np.random.default_rng(0)
     group = m.PromptGroup("run-0-12345", rng.integers(0, 1000, 256, dtype=np.int32), "42", "math", 8, 3)
-    completions = [Completion(rng.integers(0, 150000, 4096).tolist(), (-rng.random(4096)).tolist(), [(0, 3)], "length")
-                   for _ in range(8)]
-    samples = to_samples(completions) if block else [c.to_sample() for c in completions]
+    samples = [
+        m.Sample(rng.integers(0, 150000, 4096, dtype=np.int32), -rng.random(4096, dtype=np.float32),
+                 np.array([[0, 3]], np.int32), "length")
+        for _ in range(8)
+    ]
     return m.Rollout(group, samples, "rollout/0", 1.5)
 
 
@@ -68,9 +66,8 @@ def large_msg() -> m.Message:
     return m.PromptGroup("big", np.zeros(4 * 1024 * 1024, np.int32), "", "bulk", 1, 0)
 
 
-CASES = {"control": control_msg, "rollout": rollout_msg, "large": large_msg,
-         "rollout_copied": lambda: rollout_msg(block=False)}
-RATE_GUESS = {"control": 60000, "rollout": 6000, "large": 150, "rollout_copied": 6000}
+CASES = {"control": control_msg, "rollout": rollout_msg, "large": large_msg}
+RATE_GUESS = {"control": 60000, "rollout": 6000, "large": 150}
 """Messages/s the first batch is sized from; then the slower mode's last rate."""
 
 
@@ -157,15 +154,13 @@ def main() -> None:
     sessions = args.sessions or (QUICK_SESSIONS if args.quick else FULL_SESSIONS)
     ratios, ours_rates = {}, {}
     for case in CASES:
-        if args.quick and case == "rollout_copied":
-            continue
         runs = [measure_case(case, rounds) for _ in range(sessions)]
         per_session = sorted(o / r for o, r, _, _ in runs)
         o = statistics.median(x[0] for x in runs)
         r = statistics.median(x[1] for x in runs)
         size = runs[0][3]
         ratios[case], ours_rates[case] = statistics.median(per_session), o
-        print(f"{case:14s} ours {o:10.0f} msg/s {o * size / 1e6:9.1f} MB/s | raw pyzmq {r:10.0f} msg/s "
+        print(f"{case:8s} ours {o:10.0f} msg/s {o * size / 1e6:9.1f} MB/s | raw pyzmq {r:10.0f} msg/s "
               f"{r * size / 1e6:9.1f} MB/s | ratio {ratios[case]:.2f} (sessions: "
               f"{', '.join(f'{x:.2f}' for x in per_session)})", flush=True)
     print(f"bench bus: control_ratio={ratios['control']:.2f} rollout_ratio={ratios['rollout']:.2f} "

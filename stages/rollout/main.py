@@ -19,7 +19,7 @@ import transport
 from pipeline.runtime import StageContext
 from schemas.messages import PromptGroup, Rollout, WeightsOffer
 from stages.model import EOS_ID
-from stages.rollout.engines.base import SamplingParams, to_samples
+from stages.rollout.engines.base import SamplingParams
 from stages.rollout.engines.torch_engine import TorchEngine
 from stages.rollout.weights import ShmWeightLoader
 
@@ -83,7 +83,8 @@ async def run(ctx: StageContext) -> None:
         params = SamplingParams(temperature=s.rollout.temperature, top_p=s.rollout.top_p,
                                 max_tokens=s.rollout.max_tokens, stop_ids=[EOS_ID], n=group.n_samples)
         completions = await engine.generate(f"{group.group_id}/{group.attempt}", group.prompt_ids, params)
-        await out.send(Rollout(group, to_samples(completions), ctx.name, time.perf_counter() - t0))
+        samples = [c.to_sample() for c in completions]
+        await out.send(Rollout(group, samples, ctx.name, time.perf_counter() - t0))
 
     try:
         await ctx.serve(inbox, PromptGroup, generate)

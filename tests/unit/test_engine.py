@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stages.model import EOS_ID, build_model
-from stages.rollout.engines.base import Completion, SamplingParams, to_samples
+from stages.rollout.engines.base import Completion, SamplingParams
 from stages.rollout.engines.torch_engine import TorchEngine
 
 
@@ -236,20 +236,3 @@ def test_completion_converts_to_a_sample():
     assert s.logprobs.dtype == np.float32 and s.logprobs.tolist() == [-0.5, -1.0, -0.25]
     assert s.version_spans.dtype == np.int32 and s.version_spans.tolist() == [[0, 3], [2, 4]]
     assert s.finish_reason == "stop" and s.routed_experts is None
-
-
-def test_a_groups_samples_share_one_block_when_their_arrays_travel_in_the_pool():
-    import transport
-    from schemas.messages import PromptGroup, Rollout
-    from stages.testing import messages_equal
-
-    long = [Completion(list(range(i, i + 400 + i)), [-0.1 * i] * (400 + i), [(0, 2)], "length") for i in range(3)]
-    samples = to_samples(long)
-    assert all(s.token_ids.base is samples[0].token_ids.base is s.logprobs.base for s in samples)
-    for c, s in zip(long, samples):
-        assert messages_equal(s, c.to_sample())
-    frames = transport.Codec("r").encode(Rollout(PromptGroup("g", np.array([1, 2], np.int32), "", "t", 3, 2), samples, "rollout/0"))
-    assert len(frames) == 2  # head, and the block sent from its own memory
-    short = [Completion([5, 6], [-0.5, -1.0], [], "stop")] * 2
-    assert [messages_equal(s, c.to_sample()) for s, c in zip(to_samples(short), short)] == [True, True]
-    assert to_samples(short)[0].token_ids.base is None and to_samples([]) == []

@@ -53,7 +53,6 @@ from typing import Any, Literal
 import numpy as np
 
 from schemas.messages import Sample, WeightManifest
-from transport.codec import INLINE_MAX_BYTES, array_block
 
 PauseMode = Literal["keep", "abort", "wait"]
 """``keep``: freeze in-flight requests at the next step boundary, they continue on resume;
@@ -102,26 +101,6 @@ class Completion:
         spans = np.asarray(self.version_spans or [(0, -1)], dtype=np.int32).reshape(-1, 2)
         return Sample(np.asarray(self.token_ids, np.int32), np.asarray(self.logprobs, np.float32),
                       spans, self.finish_reason, self.routed_experts)
-
-
-def to_samples(completions: Sequence[Completion]) -> list[Sample]:
-    """The samples of one group's completions. When their token ids or logprobs are large
-    enough to travel in the codec's pool (``INLINE_MAX_BYTES`` and up), the group's ids and
-    logprobs are built in one ``transport.array_block``, so the Rollout leaves without its
-    arrays being copied (``transport/codec.py``: shared buffers); smaller ones travel inline
-    either way and are built one by one."""
-    if not completions or max(len(c.token_ids) for c in completions) * 4 < INLINE_MAX_BYTES:
-        return [c.to_sample() for c in completions]
-    specs = [((len(c.token_ids),), np.int32) for c in completions]
-    specs += [((len(c.logprobs),), np.float32) for c in completions]
-    arrays = array_block(specs)
-    samples = []
-    for c, ids, logprobs in zip(completions, arrays, arrays[len(completions):]):
-        ids[:] = c.token_ids
-        logprobs[:] = c.logprobs
-        spans = np.asarray(c.version_spans or [(0, -1)], dtype=np.int32).reshape(-1, 2)
-        samples.append(Sample(ids, logprobs, spans, c.finish_reason, c.routed_experts))
-    return samples
 
 
 class Engine(abc.ABC):
