@@ -43,24 +43,26 @@ def test_other_dtypes_and_devices_fall_back_to_f_linear():
     torch.testing.assert_close(linear(x, w), F.linear(x, w))
 
 
+def _to_plain_linears(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if type(m) is OneDnnLinear:
+            m.__class__ = torch.nn.Linear
+
+
 @needs_onednn
 def test_model_keeps_parameters_and_outputs():
     plain = build_model("tiny", seed=0)  # build_model switches CPU fp32 models already
     assert any(type(m) is OneDnnLinear for m in plain.modules())
     assert not any(type(m) is torch.nn.Linear for m in plain.modules())
-    for m in plain.modules():
-        if type(m) is OneDnnLinear:
-            m.__class__ = torch.nn.Linear
+    _to_plain_linears(plain)
     fast = build_model("tiny", seed=0)
     assert use_onednn_linears(plain) > 0
     names = [n for n, _ in fast.named_parameters()]
     assert names == [n for n, _ in plain.named_parameters()]
     assert fast.state_dict().keys() == plain.state_dict().keys()
     ids = torch.randint(3, 90, (8, 12))
+    _to_plain_linears(plain)
     with torch.no_grad():
-        for m in plain.modules():
-            if type(m) is OneDnnLinear:
-                m.__class__ = torch.nn.Linear
         ref = plain(input_ids=ids).logits
         got = fast(input_ids=ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
