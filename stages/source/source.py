@@ -104,6 +104,7 @@ from stages.tasks import resolve_task
 
 STATE_FORMAT = 1
 """Version of the ``state_dict`` layout; bumped when its keys change."""
+_STATE_ENCODER = msgspec.json.Encoder()
 
 ISSUED_LOG_NAME = "issued.jsonl"
 DUPLICATE_REASON = "duplicate"
@@ -361,8 +362,9 @@ class PromptSource:
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-compatible resumable state (see module docstring)."""
+    def _state(self) -> dict[str, Any]:
+        """The resumable state, its entries still ``OutstandingGroup`` objects: one definition
+        for ``state_dict`` (plain values) and ``save_state`` (JSON straight from it)."""
         return {
             "format": STATE_FORMAT,
             "task": self.config.task,
@@ -370,14 +372,18 @@ class PromptSource:
             "seed": self.config.seed,
             "cursor": self.cursor,
             "learner_version": self.learner_version,
-            "outstanding": [vars(entry).copy() for entry in self.outstanding.values()],
+            "outstanding": list(self.outstanding.values()),
             "learner_step": self.learner_step,
-            "undurable": [[step, vars(entry).copy()] for step, entry in self.undurable.values()],
+            "undurable": list(self.undurable.values()),
             "rolled_back": sorted(self._rolled_back),
             "progress_epoch": self.progress_epoch,
             "failing": [[sent_at, n.group_id, n.reason, n.stage] for sent_at, n in self.failing.values()],
             "counters": dict(self.counters),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-compatible resumable state (see module docstring): plain dicts and lists."""
+        return msgspec.to_builtins(self._state())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()`` output; refuses a state of another task/dataset/seed."""
@@ -410,10 +416,14 @@ class PromptSource:
                 pass
 
     def save_state(self, path: str | Path) -> None:
-        """Write ``state_dict()`` as JSON atomically (temp file + rename)."""
+        """Write ``state_dict()`` as JSON atomically (temp file + rename). The shell saves
+        after every batch it issues, and the state holds every group trained since the last
+        checkpoint (up to ``checkpoint_every`` steps' worth): msgspec encodes it from the
+        entries directly, ~20× faster than ``json.dumps`` of ``state_dict()`` (0.12 against
+        2.5 ms for 848 entries, ad hoc), which had been most of the source's CPU."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.state_dict()))
+        tmp.write_bytes(_STATE_ENCODER.encode(self._state()))
         os.replace(tmp, path)
 
     def load_state(self, path: str | Path) -> None:
