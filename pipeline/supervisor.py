@@ -11,6 +11,8 @@ Invariants and failure behaviour:
   niceness ``worker_nice`` (19 by default when the learner trains on the CPU) once started
   (``pipeline.runtime.lower_priority``): the learner, the async stack's critical path, is
   never preempted by work with slack, and no start is starved into a heartbeat timeout.
+  The learner's processes are pinned to ``run.learner_cpus`` (by default one core when a
+  one-thread learner trains on the CPU), set in the child before exec.
 - A replica that exits without being asked to (any code), or is silent past the heartbeat
   timeout (``STARTING_TIMEOUT_S`` while its heartbeats say ``starting``; then SIGKILLed
   with its process group, so an engine core it started goes too), is restarted after an
@@ -107,6 +109,21 @@ def worker_nice(stack: Stack, kind: str) -> int:
     return WORKER_NICE_ON_CPU if stack.learner.device == "cpu" else 0
 
 
+def learner_cpus(stack: Stack, threads_per_process: str) -> list[int]:
+    """CPUs the learner's processes are pinned to, [] for none (``run.learner_cpus``).
+    ``threads_per_process``: the ``OMP_NUM_THREADS`` the learner gets. Raises ``ValueError``
+    for configured CPUs this process may not use (a pinned child could not start)."""
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cpus = stack.run.learner_cpus
+    if cpus is None:
+        auto = (stack.learner.device == "cpu" and stack.learner.world_size == 1
+                and threads_per_process == "1" and len(usable) > 1)
+        return usable[:1] if auto else []
+    if cpus and not set(cpus) <= set(usable):
+        raise ValueError(f"run.learner_cpus {list(cpus)}: this process may only use CPUs {usable}")
+    return list(cpus)
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask: ``taskset``, cpusets), not the
     machine's count: pinned to 2 of 16 cores, a share computed from 16 started 2 OpenMP
@@ -193,6 +210,7 @@ class Supervisor:
         self.brokers: dict[str, WorkBroker] = {}
         self.endpoints: dict[str, str] = {}
         self.threads_per_process = max(1, usable_cores() // max(1, sum(self.desired.values())))
+        learner_cpus(stack, os.environ.get("OMP_NUM_THREADS", str(self.threads_per_process)))  # refuse bad CPUs now
         self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ processes
@@ -208,15 +226,22 @@ class Supervisor:
         env[SPAWNED_AT_VAR] = repr(time.time())
         nice = worker_nice(self.stack, r.kind)
         env[WORKER_NICE_VAR] = str(nice)
+        cpus = learner_cpus(self.stack, env["OMP_NUM_THREADS"]) if r.kind == "learner" else []
+
+        def before_exec() -> None:  # in the child: nothing of the stage runs before these
+            set_parent_death_signal()
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         with open(logs / f"{r.kind}-{r.index}.out", "ab") as out:
             r.proc = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.stage", target, "--run-dir", str(self.run_dir),
                  "--replica", str(r.index), "--name", r.kind],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                preexec_fn=set_parent_death_signal)  # armed before exec: no window during imports
+                preexec_fn=before_exec)  # armed before exec: no window during imports
         r.started_at = time.monotonic()
         self.health.forget(r.name)
-        log.info("spawned", replica=r.name, pid=r.proc.pid, target=target, nice=nice)
+        log.info("spawned", replica=r.name, pid=r.proc.pid, target=target, nice=nice, cpus=cpus or None)
 
     def pids(self) -> dict[str, int]:
         """``stage/replica`` → pid of every live child."""

@@ -68,6 +68,12 @@ async def test_killed_replica_is_restarted_and_the_stack_goes_on(tmp_path, monke
         assert niceness(pids["learner/0"])[0] == 0 and niceness(pids["publisher/0"])[0] == 0
         for name in ("source/0", "rollout/0", "rollout/1", "reward/0", "logprob/0"):
             assert niceness(pids[name])[0] == 19 and niceness(pids[name])[1] in ("", "19"), name
+        # The one-thread CPU learner keeps one core (every thread of it); the rest may run anywhere.
+        usable = os.sched_getaffinity(0)
+        expected = {min(usable)} if len(usable) > 1 and sup.threads_per_process == 1 else usable
+        assert {os.sched_getaffinity(int(t)) == expected
+                for t in os.listdir(f"/proc/{pids['learner/0']}/task")} == {True}
+        assert all(os.sched_getaffinity(pids[name]) == usable for name in ("rollout/0", "publisher/0"))
         victim = pids["rollout/1"]
         os.kill(victim, signal.SIGKILL)
         await wait_until(lambda: sup.pids().get("rollout/1") not in (None, victim), 30, "restart")

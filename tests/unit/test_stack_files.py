@@ -1,5 +1,6 @@
 """Every stack file shipped under ops/ loads and validates (``ops/stack.toml`` is the default)."""
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -55,3 +56,27 @@ def test_worker_nice_yields_the_cpu_to_a_cpu_learner_only(tmp_path):
     raw["run"]["worker_nice"] = -1
     with pytest.raises(StackError, match="run.worker_nice"):
         load_stack(write_stack_toml(raw, tmp_path / "bad.toml"))
+
+
+def test_learner_cpus_pin_a_one_thread_cpu_learner_only(tmp_path):
+    from pipeline.supervisor import learner_cpus
+    from schemas.stack import StackError
+
+    usable = sorted(os.sched_getaffinity(0))
+    cpu = load_stack(DEFAULT)
+    assert cpu.run.learner_cpus is None
+    assert learner_cpus(cpu, "1") == (usable[:1] if len(usable) > 1 else [])
+    assert learner_cpus(cpu, "2") == []  # a learner with threads to spread keeps every core
+    assert learner_cpus(load_stack(ROOT / "ops" / "gpu.toml"), "1") == []
+    raw = tomllib.loads(DEFAULT.read_text())
+    raw["run"]["learner_cpus"] = []
+    assert learner_cpus(load_stack(write_stack_toml(raw, tmp_path / "none.toml")), "1") == []
+    raw["run"]["learner_cpus"] = [usable[-1]]
+    assert learner_cpus(load_stack(write_stack_toml(raw, tmp_path / "last.toml")), "4") == [usable[-1]]
+    raw["run"]["learner_cpus"] = [usable[-1] + 4096]
+    with pytest.raises(ValueError, match="may only use CPUs"):
+        learner_cpus(load_stack(write_stack_toml(raw, tmp_path / "absent.toml")), "1")
+    for bad in ([-1], [usable[0], usable[0]]):
+        raw["run"]["learner_cpus"] = bad
+        with pytest.raises(StackError, match="run.learner_cpus"):
+            load_stack(write_stack_toml(raw, tmp_path / "bad.toml"))
