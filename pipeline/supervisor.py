@@ -210,7 +210,8 @@ class Supervisor:
         self.brokers: dict[str, WorkBroker] = {}
         self.endpoints: dict[str, str] = {}
         self.threads_per_process = max(1, usable_cores() // max(1, sum(self.desired.values())))
-        learner_cpus(stack, os.environ.get("OMP_NUM_THREADS", str(self.threads_per_process)))  # refuse bad CPUs now
+        self.learner_cpus = learner_cpus(stack, os.environ.get("OMP_NUM_THREADS", str(self.threads_per_process)))
+        """Where learner ranks are pinned (the thread count ``_spawn`` gives them); bad CPUs fail here."""
         self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ processes
@@ -226,7 +227,7 @@ class Supervisor:
         env[SPAWNED_AT_VAR] = repr(time.time())
         nice = worker_nice(self.stack, r.kind)
         env[WORKER_NICE_VAR] = str(nice)
-        cpus = learner_cpus(self.stack, env["OMP_NUM_THREADS"]) if r.kind == "learner" else []
+        cpus = self.learner_cpus if r.kind == "learner" else []
 
         def before_exec() -> None:  # in the child: nothing of the stage runs before these
             set_parent_death_signal()
