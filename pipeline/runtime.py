@@ -11,6 +11,9 @@ Invariants and failure behaviour:
   stderr); every line carries ``stage`` and ``replica``.
 - A heartbeat goes to the supervisor every second with the context's counters; its state is
   ``starting`` until the stage opens its first channel (engine and model built).
+- When the stage opens its first channel, everything its start allocated (modules, the
+  model) is collected once and frozen (``freeze_startup_heap``): the cyclic collector's full
+  passes then skip it. Objects allocated later are collected as before.
 - A stage started with ``WORKER_NICE_VAR`` = N > 0 lowers its priority to niceness N
   (``lower_priority``) when it opens its first channel: its imports and model build run at
   the priority it was started with, its work after that yields the CPU to the learner.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -120,6 +124,7 @@ class StageContext:
     # ------------------------------------------------------------------ channels
     def _keep(self, ch: Any, stream: str) -> Any:
         if not self.started:
+            freeze_startup_heap()
             lower_priority(int(os.environ.get(WORKER_NICE_VAR, "0")))
         self.started = True
         self._channels.append(ch)
@@ -239,6 +244,17 @@ SUPERVISOR_PID_VAR = "CONVEYOR_SUPERVISOR_PID"
 
 WORKER_NICE_VAR = "CONVEYOR_WORKER_NICE"
 """Niceness a stage takes once started (set by the supervisor: ``supervisor.worker_nice``)."""
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object the start left alive into the collector's
+    permanent generation (``gc.freeze``). A stage with torch and transformers loaded tracks
+    ~380k objects, and each full collection walked all of them: on the default stack, over a
+    600-step run, 1-4 full collections per stage, 0.3-0.5 s of wall time each (ad hoc,
+    ``gc.callbacks``), during which that stage's loop served nothing. Frozen objects are never
+    collected, hence the collection first: cyclic garbage from the start is freed, not kept."""
+    gc.collect()
+    gc.freeze()
 
 
 def lower_priority(nice: int) -> None:
