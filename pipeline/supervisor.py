@@ -113,7 +113,7 @@ def learner_cpus(stack: Stack, threads_per_process: str) -> list[int]:
     """CPUs the learner's processes are pinned to, [] for none (``run.learner_cpus``).
     ``threads_per_process``: the ``OMP_NUM_THREADS`` the learner gets. Raises ``ValueError``
     for configured CPUs this process may not use (a pinned child could not start)."""
-    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    usable = usable_cpus()
     cpus = stack.run.learner_cpus
     if cpus is None:
         auto = (stack.learner.device == "cpu" and stack.learner.world_size == 1
@@ -124,14 +124,18 @@ def learner_cpus(stack: Stack, threads_per_process: str) -> list[int]:
     return list(cpus)
 
 
+def usable_cpus() -> list[int]:
+    """CPU ids this process may run on (its affinity mask: ``taskset``, cpusets), sorted;
+    [] where the platform has no affinity mask (not Linux)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask: ``taskset``, cpusets), not the
-    machine's count: pinned to 2 of 16 cores, a share computed from 16 started 2 OpenMP
-    threads per stage, whose spin-waits multiplied the rollout's CPU per step tenfold."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """Cores this process may run on (``usable_cpus``), not the machine's count: pinned to 2
+    of 16 cores, a share computed from 16 started 2 OpenMP threads per stage, whose
+    spin-waits multiplied the rollout's CPU per step tenfold. The machine's count where
+    there is no affinity mask."""
+    return len(usable_cpus()) or os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
