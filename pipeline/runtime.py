@@ -252,8 +252,8 @@ def freeze_startup_heap() -> None:
     ~380k objects, and each full collection walked all of them: on the default stack, in a
     600-step run after the start, 1-2 full collections per stage of 136-313 ms of CPU each
     (ad hoc, ``gc.callbacks``), during which that stage's loop served nothing; frozen, none
-    outside the learner, whose three took 57-81 ms. Frozen objects are never collected, hence the
-    collection first: cyclic garbage from the start is freed, not kept."""
+    outside the learner, whose three took 57-81 ms. Frozen objects are never collected,
+    hence the collection first: cyclic garbage from the start is freed, not kept."""
     gc.collect()
     gc.freeze()
 
