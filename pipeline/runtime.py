@@ -223,7 +223,7 @@ class StageContext:
             return
         p._revoke_sent = True
         with contextlib.suppress(Exception):
-            await p.sock.send_multipart(p.codec.encode(Credit(-p.outstanding, p.codec.sender)))
+            await p._send_frames(p.codec.encode(Credit(-p.outstanding, p.codec.sender)))
 
     def heartbeat(self) -> Heartbeat:
         state = "draining" if self.draining.is_set() else "running" if self.started else "starting"

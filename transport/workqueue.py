@@ -148,9 +148,9 @@ class WorkBroker:
 
     async def _send_back(self, frames: list[Any]) -> None:
         """Send on the back socket through its plain view; while the worker's pipe is full
-        (rare: a worker with credit has room) retry every ``SEND_RETRY_S``. The asyncio
-        socket is never used: it would register its own reader on the fd ``_run`` watches,
-        and asyncio keeps one reader per fd. ``zmq.ZMQError`` (other than Again): the worker
+        (rare: a worker with credit has room) retry every ``SEND_RETRY_S``. The channel's
+        own waiting send (``_send_frames``) is never used: it would register the channel's
+        reader on the fd ``_run`` watches, and asyncio keeps one reader per fd. ``zmq.ZMQError`` (other than Again): the worker
         is gone."""
         while True:
             try:

@@ -1,6 +1,7 @@
 """Channels over ZeroMQ (tcp loopback) and the in-process twin behave the same."""
 
 import asyncio
+import time
 
 import msgspec
 import numpy as np
@@ -199,3 +200,96 @@ async def test_subscriber_keeps_receiving_from_a_restarted_publisher():
         sub.close()
         pub.close()
     assert got is not None and got.consumed_ids == ["after-restart"]
+
+
+# ---------------------------------------------------------------- waiting on the socket's fd
+# A channel parks waiting coroutines on its own reader of the socket's ZMQ_FD, which is
+# edge-style: any operation on the socket can consume the signal. These cases are where a
+# wake-up would be lost if the channel did not pass readiness on itself.
+
+
+async def test_receiver_parked_on_a_dealer_wakes_when_a_send_on_the_same_socket_took_the_signal():
+    """The WorkPuller pattern: one coroutine waits for a reply while another sends on the
+    same DEALER. A reply lands while the loop is busy; the next send processes the socket's
+    commands (libzmq does so on a send once ~1 ms passed since it last did), which empties
+    the fd before the loop ever sees it readable. The parked receiver must still get it."""
+    router = RouterChannel("tcp://127.0.0.1:*", sender="server")
+    dealer = DealerChannel(router.address, sender="client")
+    with router, dealer:
+        await dealer.send(m.Hello("first"))
+        ident, _, _ = await asyncio.wait_for(router.recv_from(), 5)
+        waiting = asyncio.create_task(dealer.recv())
+        await asyncio.sleep(0.05)  # parked
+        await router.send_to(ident, m.Hello("reply"))
+        time.sleep(0.05)  # the loop busy: the reply reaches the dealer, its fd turns readable
+        await dealer.send(m.Hello("second"))  # consumes that signal
+        got = await asyncio.wait_for(waiting, 5)
+    assert got.nonce == "reply"
+
+
+async def test_waiting_receivers_are_served_in_arrival_order_from_a_burst():
+    """Several coroutines wait on one PULL; a burst arrives with one fd signal. Each waiter
+    gets one message, in the order they started waiting, and none is left parked."""
+    push, pull = open_pair("tcp")
+    with push, pull:
+        waiters = [asyncio.create_task(pull.recv()) for _ in range(5)]
+        await asyncio.sleep(0.05)  # all parked
+        for i in range(5):
+            await push.send(m.Progress(i, i, []))
+        got = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert [g.step for g in got] == list(range(5))
+
+
+async def test_a_cancelled_waiter_passes_its_wake_up_on():
+    """A waiter cancelled after being woken (its wake-up not used) must not strand the next
+    waiter: the message is still there, and the next one gets it."""
+    push, pull = open_pair("tcp")
+    with push, pull:
+        first = asyncio.create_task(pull.recv())
+        second = asyncio.create_task(pull.recv())
+        await asyncio.sleep(0.05)
+        await push.send(m.Progress(1, 1, []))
+        # Block (no yield) until the message is in the socket, wake the first waiter as the
+        # fd's reader would, and cancel it in the same breath, before it can run.
+        assert pull._now.poll(5000, zmq.POLLIN)
+        pull._kick()
+        assert pull._recv_waiters[0].done()
+        first.cancel()
+        got = await asyncio.wait_for(second, 5)
+    assert got.step == 1
+    assert first.cancelled()
+
+
+async def test_a_sender_blocked_on_a_full_queue_resumes_when_the_peer_reads():
+    push, pull = open_pair("tcp", hwm=1)
+    for s in (push.sock, pull.sock):
+        s.setsockopt(zmq.SNDBUF, 16 * 1024)
+        s.setsockopt(zmq.RCVBUF, 16 * 1024)
+    n = 100  # far past what the pipes and kernel buffers of HWM 1 admit
+    big = m.PromptGroup("g", np.zeros(64 * 1024, np.int32), "", "t", 1, 0)
+    with push, pull:
+        sent = 0
+
+        async def produce():
+            nonlocal sent
+            for _ in range(n):
+                await push.send(big)
+                sent += 1
+
+        producer = asyncio.create_task(produce())
+        await asyncio.sleep(0.2)
+        assert sent < n and push._send_waiters  # parked on the full queue
+        for _ in range(n):
+            await asyncio.wait_for(pull.recv(), 5)
+        await asyncio.wait_for(producer, 5)
+    assert sent == n
+
+
+async def test_close_cancels_parked_coroutines():
+    push, pull = open_pair("tcp")
+    waiter = asyncio.create_task(pull.recv())
+    await asyncio.sleep(0.05)
+    pull.close()
+    push.close()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, 5)
