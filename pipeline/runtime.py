@@ -185,14 +185,16 @@ class StageContext:
                 self.log.exception("handler failed", tag=type(msg).__name__)
             finally:
                 self.in_flight -= 1
+                await puller.release()
 
         while True:
             try:
-                msg = await puller.recv()
+                msg = await puller.recv_held()
             except EOFError:
                 break
             if not isinstance(msg, kind):
                 self.log.warning("unexpected message", tag=type(msg).__name__, expected=kind.__name__)
+                await puller.release()
                 continue
             self.in_flight += 1
             task = asyncio.get_running_loop().create_task(run_one(msg))

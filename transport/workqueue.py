@@ -198,13 +198,18 @@ class WorkPuller(_ZmqChannel, Receiver):
         self._open(zmq.DEALER, back, False, DEFAULT_HWM, linger_ms, max_message_bytes)
         self.max_credit = credit
         self.outstanding = 0
+        """Credit granted that the broker has not used yet (items it may still send)."""
+        self.held = 0
+        """Items handed out by ``recv_held`` and not yet ``release``d: a consumer that works
+        on several at once says when each is finished, and its credit counts them as held."""
         self.draining = False
         self._revoke_sent = False
 
     async def _grant(self) -> None:
-        """Top the credit back up to ``max_credit`` once at most half of it is left
+        """Top the credit back up, so that unused credit plus held items reach
+        ``max_credit``, once at most half of the credit is left unused
         (``GRANT_LOW_WATER``), in one message."""
-        n = self.max_credit - self.outstanding
+        n = self.max_credit - self.outstanding - self.held
         if n > 0 and not self.draining and self.outstanding <= self.max_credit * GRANT_LOW_WATER:
             self.outstanding += n  # before the await: a second receiver must not grant it again
             try:
@@ -228,6 +233,21 @@ class WorkPuller(_ZmqChannel, Receiver):
             self.outstanding -= 1
             if got is not None:
                 return got
+
+    async def recv_held(self) -> Message:
+        """``recv`` for a consumer that works on several items at once: the item counts
+        against this worker's credit until ``release``, so it never holds more than
+        ``max_credit`` however many it has started (a plain ``recv`` caller finishes one
+        item before asking for the next, and the same bound holds without this)."""
+        msg = await self.recv()
+        self.held += 1
+        return msg
+
+    async def release(self) -> None:
+        """One item from ``recv_held`` is finished: its credit may be granted again."""
+        self.held -= 1
+        if not self._closed:
+            await self._grant()
 
     def drain(self) -> None:
         """Stop asking for work. ``recv`` returns the items already on their way, then

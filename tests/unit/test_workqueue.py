@@ -148,3 +148,27 @@ async def test_two_receivers_on_one_puller_get_each_item_once_within_credit():
     broker.close()
     assert sorted(got) == list(range(120))
     assert most_outstanding <= 4
+
+
+async def test_a_worker_working_on_several_items_holds_no_more_than_its_credit():
+    """A consumer that starts items concurrently (``StageContext.serve``) reports each one
+    finished; until then the items count against its credit, so a worker of credit 3 never
+    holds more than 3 (a kill loses at most that) and the rest wait in the broker for
+    whichever replica has room."""
+    broker = await _broker()
+    push = transport.push(broker.front_address, bind=False, sender="src/0")
+    w = WorkPuller(broker.back_address, sender="w/0", credit=3)
+    for s in range(20):
+        await push.send(m.Progress(s, 0, []))
+    held = [(await asyncio.wait_for(w.recv_held(), 5)).step for _ in range(3)]
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(w.recv_held(), 0.3)
+    assert broker.depth == 17
+    await w.release()
+    held.append((await asyncio.wait_for(w.recv_held(), 5)).step)
+    assert held == [0, 1, 2, 3]
+    await asyncio.sleep(0.1)
+    assert broker.depth == 16 and w.held == 3
+    w.close()
+    push.close()
+    broker.close()
