@@ -220,12 +220,15 @@ class StageContext:
         inside ``recv``, but a replica parked in ``recv`` waiting for work that never comes
         (the source drained first, or is idle) would never get there and never exit. The
         broker's acknowledgement (or an item already on its way) wakes the parked ``recv``,
-        which then ends with EOFError. ``_revoke_sent`` guards against revoking twice."""
-        if p._closed or p._revoke_sent or p.outstanding <= 0:
+        which then ends with EOFError. ``_revoke_sent`` guards against revoking twice.
+        With no credit outstanding (a ``serve`` replica holding all its credit in items) it
+        still asks to revoke one: the broker's acknowledgement of 0 is what wakes the
+        parked ``recv`` then."""
+        if p._closed or p._revoke_sent:
             return
         p._revoke_sent = True
         with contextlib.suppress(Exception):
-            await p._send_frames(p.codec.encode(Credit(-p.outstanding, p.codec.sender)))
+            await p._send_frames(p.codec.encode(Credit(-max(1, p.outstanding), p.codec.sender)))
 
     def heartbeat(self) -> Heartbeat:
         state = "draining" if self.draining.is_set() else "running" if self.started else "starting"

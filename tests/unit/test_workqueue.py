@@ -172,3 +172,44 @@ async def test_a_worker_working_on_several_items_holds_no_more_than_its_credit()
     w.close()
     push.close()
     broker.close()
+
+
+async def test_serve_ends_on_drain_while_its_items_use_all_its_credit(tmp_path, monkeypatch):
+    """``StageContext.serve`` holding as many items as its credit has none outstanding, and
+    its loop is parked in ``recv`` for work the broker cannot send. Drain must still end
+    it once the held items finish (a revocation of nothing, which the broker acknowledges,
+    wakes the parked receive); otherwise the replica never exits and is killed at the
+    shutdown deadline."""
+    from pathlib import Path
+
+    from pipeline import runtime
+    from schemas.stack import load_stack
+
+    monkeypatch.setattr(runtime, "freeze_startup_heap", lambda: None)
+    broker = await _broker()
+    push = transport.push(broker.front_address, bind=False, sender="src/0")
+    stack = load_stack(Path(__file__).resolve().parents[2] / "ops" / "stack.toml")
+    ctx = runtime.StageContext("reward", 0, tmp_path, stack, {"t.back": broker.back_address})
+    puller = ctx.work_in("t", credit=2)
+    for s in range(2):
+        await push.send(m.Progress(s, 0, []))
+    go, done = asyncio.Event(), []
+
+    async def handle(msg):
+        await go.wait()
+        done.append(msg.step)
+
+    serving = asyncio.create_task(ctx.serve(puller, m.Progress, handle))
+    for _ in range(100):
+        if puller.held == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert puller.held == 2 and puller.outstanding == 0
+    ctx.drain()
+    await asyncio.sleep(0.05)
+    go.set()
+    await asyncio.wait_for(serving, 5)
+    assert sorted(done) == [0, 1]
+    puller.close()
+    push.close()
+    broker.close()
