@@ -185,7 +185,7 @@ class StageContext:
                 self.log.exception("handler failed", tag=type(msg).__name__)
             finally:
                 self.in_flight -= 1
-                await puller.release()
+                puller.release()
 
         while True:
             try:
@@ -194,7 +194,7 @@ class StageContext:
                 break
             if not isinstance(msg, kind):
                 self.log.warning("unexpected message", tag=type(msg).__name__, expected=kind.__name__)
-                await puller.release()
+                puller.release()
                 continue
             self.in_flight += 1
             task = asyncio.get_running_loop().create_task(run_one(msg))

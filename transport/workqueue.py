@@ -204,6 +204,8 @@ class WorkPuller(_ZmqChannel, Receiver):
         on several at once says when each is finished, and its credit counts them as held."""
         self.draining = False
         self._revoke_sent = False
+        self._grant_soon: asyncio.Task | None = None
+        """The grant for released items, scheduled by the first ``release`` of a turn."""
 
     async def _grant(self) -> None:
         """Top the credit back up, so that unused credit plus held items reach
@@ -243,11 +245,21 @@ class WorkPuller(_ZmqChannel, Receiver):
         self.held += 1
         return msg
 
-    async def release(self) -> None:
-        """One item from ``recv_held`` is finished: its credit may be granted again."""
+    def release(self) -> None:
+        """One item from ``recv_held`` is finished: its credit is granted again, in one
+        Credit message with that of every item released in the same turn of the event loop
+        (a rollout's groups admitted together finish in the same decode step)."""
         self.held -= 1
-        if not self._closed:
+        if not self._grant_soon and not self._closed:
+            self._grant_soon = asyncio.get_running_loop().create_task(self._grant_released())
+
+    async def _grant_released(self) -> None:
+        try:
             await self._grant()
+        except zmq.ZMQError:  # closed meanwhile: nothing to grant to
+            pass
+        finally:
+            self._grant_soon = None
 
     def drain(self) -> None:
         """Stop asking for work. ``recv`` returns the items already on their way, then

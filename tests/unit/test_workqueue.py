@@ -164,7 +164,7 @@ async def test_a_worker_working_on_several_items_holds_no_more_than_its_credit()
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(w.recv_held(), 0.3)
     assert broker.depth == 17
-    await w.release()
+    w.release()
     held.append((await asyncio.wait_for(w.recv_held(), 5)).step)
     assert held == [0, 1, 2, 3]
     await asyncio.sleep(0.1)
