@@ -17,6 +17,10 @@ Invariants and failure behaviour:
   producers block on their own HWM: back-pressure reaches the source.
 - A worker that dies loses only what it held (at most its credit); the source's lease
   reissues those groups (at-least-once). ``forget(worker)`` drops a dead worker's credit.
+  What a worker holds counts items on their way and items it works on: a plain ``recv``
+  caller finishes one before asking for the next; one that works on several at once takes
+  them with ``recv_held`` and says when each is done (``release``), and they count against
+  its credit until then.
 - Bad credit messages are logged and counted like any other bad input.
 """
 
@@ -150,8 +154,8 @@ class WorkBroker:
         """Send on the back socket through its plain view; while the worker's pipe is full
         (rare: a worker with credit has room) retry every ``SEND_RETRY_S``. The channel's
         own waiting send (``_send_frames``) is never used: it would register the channel's
-        reader on the fd ``_run`` watches, and asyncio keeps one reader per fd. ``zmq.ZMQError`` (other than Again): the worker
-        is gone."""
+        reader on the fd ``_run`` watches, and asyncio keeps one reader per fd.
+        ``zmq.ZMQError`` (other than Again): the worker is gone."""
         while True:
             try:
                 _send_now(self.back._now, frames)
