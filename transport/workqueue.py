@@ -34,13 +34,11 @@ import zmq
 
 from schemas.messages import Credit, Envelope, Message
 from transport.base import DEFAULT_HWM, DEFAULT_LINGER_MS, DEFAULT_MAX_MESSAGE_BYTES, Receiver
-from transport.zmq_sockets import PullChannel, RouterChannel, _recv_now, _send_now, _ZmqChannel
+from transport.zmq_sockets import _EVENTS, _POLLIN, PullChannel, RouterChannel, _recv_now, _send_now, _ZmqChannel
 
 SEND_RETRY_S = 0.001
 """Retry interval of a send to a worker whose pipe is full: short (the worker is reading),
 and the case is rare enough that polling costs nothing."""
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-"""Plain ints: pyzmq's flag enums cost an Enum construction per use on the hot path."""
 WORKER_CREDIT = 2
 """Items a worker holds at most: one being processed and one ready, so it never idles
 waiting on a round trip, and a kill loses at most two items."""
@@ -191,10 +189,9 @@ class WorkBroker:
 class WorkPuller(_ZmqChannel, Receiver):
     """Worker end: grants credit, receives items, and can drain.
 
-    Like ``PullChannel``, a credit grant and a receive first try a non-blocking call on a
-    plain view of the socket and only fall back to pyzmq's asyncio wrapper when that would
-    block or another coroutine already waits in it (so order is kept): a ready item or a
-    grant that fits needs no future or poller update."""
+    Like every channel (``zmq_sockets``), a credit grant and a receive are non-blocking
+    calls on a plain view of the socket, parking on the channel's own fd reader only when
+    they would block or another coroutine already waits (so order is kept)."""
 
     def __init__(self, back: str, *, sender: str, name: str = "work", credit: int = WORKER_CREDIT,
                  linger_ms: int = DEFAULT_LINGER_MS, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:

@@ -114,7 +114,7 @@ async def test_drain_ends_even_when_no_more_work_arrives():
 
 async def test_two_receivers_on_one_puller_get_each_item_once_within_credit():
     # One receiver finds items ready (the non-blocking path) while the other is parked in
-    # pyzmq's asyncio recv: no item is lost or taken twice, and grants never pile up past
+    # the channel's wait: no item is lost or taken twice, and grants never pile up past
     # the credit. (Which receiver resumes first is the event loop's business, so the
     # order of processing across two receivers is not a property of the channel.)
     broker = await _broker()
