@@ -46,7 +46,7 @@ import structlog
 import transport
 from pipeline import endpoints as ep
 from pipeline import malloc
-from schemas.messages import Control, ControlCommand, Credit, Heartbeat, Message, Metrics
+from schemas.messages import Control, ControlCommand, Heartbeat, Message, Metrics
 from schemas.stack import Stack
 from transport.heartbeat import beat_forever
 from transport.record import StreamRecorder
@@ -216,19 +216,12 @@ class StageContext:
 
     @staticmethod
     async def _revoke_now(p: WorkPuller) -> None:
-        """Send the drained puller's credit revocation at once. ``WorkPuller`` sends it from
-        inside ``recv``, but a replica parked in ``recv`` waiting for work that never comes
-        (the source drained first, or is idle) would never get there and never exit. The
-        broker's acknowledgement (or an item already on its way) wakes the parked ``recv``,
-        which then ends with EOFError. ``_revoke_sent`` guards against revoking twice.
-        With no credit outstanding (a ``serve`` replica holding all its credit in items) it
-        still asks to revoke one: the broker's acknowledgement of 0 is what wakes the
-        parked ``recv`` then."""
-        if p._closed or p._revoke_sent:
-            return
-        p._revoke_sent = True
+        """Send the drained puller's credit revocation at once (``WorkPuller.revoke``).
+        ``WorkPuller`` sends it from inside ``recv``, but a replica parked in ``recv``
+        waiting for work that never comes (the source drained first, or is idle) would never
+        get there and never exit; the broker's acknowledgement wakes it into EOFError."""
         with contextlib.suppress(Exception):
-            await p._send_frames(p.codec.encode(Credit(-max(1, p.outstanding), p.codec.sender)))
+            await p.revoke()
 
     def heartbeat(self) -> Heartbeat:
         state = "draining" if self.draining.is_set() else "running" if self.started else "starting"

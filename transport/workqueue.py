@@ -224,9 +224,8 @@ class WorkPuller(_ZmqChannel, Receiver):
     async def recv_envelope(self) -> tuple[Envelope, Message]:
         while True:
             await self._grant()
-            if self.draining and not self._revoke_sent and self.outstanding > 0:
-                await self._send_frames(self.codec.encode(Credit(-self.outstanding, self.codec.sender)))
-                self._revoke_sent = True
+            if self.draining and self.outstanding > 0:
+                await self.revoke()
             if self.draining and self.outstanding == 0:
                 raise EOFError(f"{self.name}: drained")
             got = self._accept(await self._recv_frames())
@@ -261,6 +260,16 @@ class WorkPuller(_ZmqChannel, Receiver):
             pass
         finally:
             self._grant_soon = None
+
+    async def revoke(self) -> None:
+        """Once, while draining: ask the broker to take back the credit it has not used; its
+        acknowledgement says how much it took and wakes a ``recv`` parked for work. With no
+        credit outstanding (a ``recv_held`` consumer whose items use all of it) it still
+        asks for one: the acknowledgement of 0 is then what wakes that ``recv``."""
+        if self._closed or self._revoke_sent:
+            return
+        self._revoke_sent = True
+        await self._send_frames(self.codec.encode(Credit(-max(1, self.outstanding), self.codec.sender)))
 
     def drain(self) -> None:
         """Stop asking for work. ``recv`` returns the items already on their way, then
