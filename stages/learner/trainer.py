@@ -42,7 +42,7 @@ import torch.distributed as dist
 from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainGroup
 from schemas.stack import LearnerSection
 from stages.learner import checkpoint as ckpt
-from stages.learner.batch import group_problem, rank_micro_batches
+from stages.learner.batch import SHARED_ROW_TOKENS, group_problem, rank_micro_batches
 from stages.learner.config import LearnerConfig
 from stages.learner.fsdp import build_sharded, full_parameters
 from stages.learner.head import logprob_head
@@ -195,12 +195,17 @@ class Learner:
         skip_zero = cfg.kl_coef == 0.0 and not self.moe
         mbs = rank_micro_batches(groups, aggregation=cfg.aggregation, budget=cfg.micro_batch_tokens,
                                  rank=self.rank, world=self.world, device=self.device,
-                                 skip_zero_advantage=skip_zero)
+                                 skip_zero_advantage=skip_zero,
+                                 # HF's MoE load-balancing loss reads a [B, L] padding mask;
+                                 # a shared-prompt row's mask is [B, 1, L, L].
+                                 shared_row_tokens=0 if self.moe else SHARED_ROW_TOKENS)
         records: list[dict[str, torch.Tensor]] = []  # per micro-batch, read after the loop (no per-mb sync)
         for mb in mbs:
             # use_cache=False: a KV cache growing during the forward would make activation
             # checkpointing's recompute see different shapes.
             extra = {"output_router_logits": True} if self.moe else {}
+            if mb.position_ids is not None:
+                extra["position_ids"] = mb.position_ids
             with logprob_head(self.model.lm_head, mb.index, mb.targets, fused=cfg.compile_layers):
                 out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, **extra)
             loss, met = policy_loss(out.logits, mb.behaviour, mb.adv, mb.weight, kind=cfg.loss,

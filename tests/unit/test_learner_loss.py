@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from schemas.stack import LearnerSection
-from stages.learner.batch import pack, rank_micro_batches, step_items
+from schemas.messages import Rollout, ScoredGroup, TrainGroup
+from stages.learner.batch import pack, rank_micro_batches, rows, step_items
+from stages.learner.head import logprob_head
+from stages.model import build_model
 from stages.learner.config import LearnerConfig
 from stages.learner.loss import grpo_advantages, policy_loss
-from stages.testing import make_train_group
+from stages.testing import make_prompt_group, make_sample, make_train_group
 
 
 def test_grpo_advantages_are_group_normalised():
@@ -92,13 +95,14 @@ def test_step_weights_sum_to_one_over_any_packing_and_world(aggregation):
 
 def test_loss_mask_covers_completion_tokens_only_and_budget_is_respected():
     g = make_train_group("g", n_samples=2, length=5, seed=1)
-    [mb] = rank_micro_batches([g], aggregation="token_mean", budget=1000, rank=0, world=1,
-                              device=torch.device("cpu"))
     prompt_len = len(g.scored.rollout.group.prompt_ids)
-    width = mb.input_ids.shape[1]
     samples = g.scored.rollout.samples
+    cpu = torch.device("cpu")
+    # A row per sequence (the plain layout): each row's completion-predicting positions p-1 .. p-2+t.
+    [mb] = rank_micro_batches([g], aggregation="token_mean", budget=1000, rank=0, world=1, device=cpu,
+                              shared_row_tokens=0)
+    width = mb.input_ids.shape[1]
     assert (mb.weight > 0).all() and len(mb.index) == sum(len(s.token_ids) for s in samples)
-    # Loss positions are exactly each row's completion-predicting positions p-1 .. p-2+t.
     want = np.concatenate([r * width + np.arange(prompt_len - 1, prompt_len - 1 + len(s.token_ids))
                            for r, s in enumerate(samples)])
     np.testing.assert_array_equal(mb.index.numpy(), want)
@@ -107,12 +111,63 @@ def test_loss_mask_covers_completion_tokens_only_and_budget_is_respected():
     np.testing.assert_array_equal(mb.targets.numpy(), mb.input_ids.reshape(-1)[mb.index + 1].numpy())
     np.testing.assert_array_equal(mb.targets.numpy(), np.concatenate([s.token_ids for s in samples]))
     np.testing.assert_array_equal(mb.behaviour.numpy(), np.concatenate([s.logprobs for s in samples]))
+    assert mb.attention_mask.shape == mb.input_ids.shape and mb.position_ids is None
+    # Shared (the default): one row, prompt + c1 + c2; the prompt's last position predicts
+    # both completions' first tokens, positions restart after the prompt for c2.
+    [mb] = rank_micro_batches([g], aggregation="token_mean", budget=1000, rank=0, world=1, device=cpu)
+    p, t = prompt_len, 5
+    assert mb.input_ids.shape == (1, p + 2 * t) and mb.attention_mask.shape == (1, 1, p + 2 * t, p + 2 * t)
+    np.testing.assert_array_equal(mb.index.numpy(), [*range(p - 1, p + t - 1), p - 1, *range(p + t, p + 2 * t - 1)])
+    np.testing.assert_array_equal(mb.position_ids[0].numpy(), [*range(p + t), *range(p, p + t)])
+    np.testing.assert_array_equal(mb.targets.numpy(), np.concatenate([s.token_ids for s in samples]))
+    m = mb.attention_mask[0, 0].numpy()
+    assert m[p + t, :p].all() and not m[p + t, p:p + t].any() and m[p + t, p + t]  # c2 sees the prompt, not c1
     [idle] = rank_micro_batches([g], aggregation="token_mean", budget=1000, rank=1, world=2,
                                 device=torch.device("cpu"))
     assert idle.weight.tolist() == [0.0] and len(idle.index) == 1  # an idle rank still runs a pass
     items = step_items([make_train_group(f"g{i}", n_samples=4, length=10, seed=i) for i in range(3)], "token_mean")
-    for batch in pack(items, 40):
-        assert len(batch) * max(len(it.tokens) for it in batch) <= 40 or len(batch) == 1
+    for budget in (40, 100):
+        for batch in pack(rows(items, 40), budget):
+            assert len(batch) * max(len(row) for row in batch) <= budget or len(batch) == 1
+
+
+def _ragged_group(gid: str, lengths: list[int], seed: int, prompt_len: int) -> TrainGroup:
+    group = make_prompt_group(gid, prompt_len, len(lengths), seed=seed)
+    samples = [make_sample(n, seed=seed * 100 + i) for i, n in enumerate(lengths)]
+    rewards = np.random.default_rng(seed).random(len(lengths), dtype=np.float32)
+    return TrainGroup(ScoredGroup(Rollout(group, samples, "rollout/0"), rewards), None)
+
+
+def test_shared_prompt_rows_give_the_plain_layouts_logprobs_and_gradients():
+    """Completions packed behind one copy of their prompt (position ids continuing from the
+    prompt, a mask that hides the other completions) see exactly what they see alone."""
+    groups = [_ragged_group("a", [4, 1, 7, 3, 5], 1, 3), _ragged_group("b", [2, 6, 6], 2, 9),
+              _ragged_group("c", [9], 3, 5)]
+    model = build_model("tiny", seed=4)
+    model.requires_grad_(True)
+    got = {}
+    for share in (0, 16, 512):  # a row per sequence; rows of a few; whole groups
+        mbs = rank_micro_batches(groups, aggregation="token_mean", budget=10_000, rank=0, world=1,
+                                 device=torch.device("cpu"), shared_row_tokens=share)
+        model.zero_grad()
+        order, logps = [], []
+        for mb in mbs:
+            extra = {} if mb.position_ids is None else {"position_ids": mb.position_ids}
+            assert (mb.position_ids is None) == (mb.attention_mask.dim() == 2)
+            with logprob_head(model.lm_head, mb.index, mb.targets):
+                logp = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, **extra).logits
+            (logp * mb.weight * mb.adv).sum().backward()
+            order.append(mb.behaviour)  # the engine logprobs are distinct floats: a key per target
+            logps.append(logp.detach())
+        key, val = torch.cat(order), torch.cat(logps)
+        got[share] = (val[key.argsort()], {n: p.grad.clone() for n, p in model.named_parameters()},
+                      sum(mb.input_ids.numel() for mb in mbs))
+    plain, cells = got[0][:2], got[0][2]
+    for share in (16, 512):
+        torch.testing.assert_close(got[share][0], plain[0], rtol=1e-5, atol=1e-5)
+        for n, g in plain[1].items():
+            torch.testing.assert_close(got[share][1][n], g, rtol=1e-4, atol=1e-6)
+    assert got[512][2] < got[16][2] < cells  # and it is less work
 
 
 def test_config_validation_names_the_field():
