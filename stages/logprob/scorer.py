@@ -6,7 +6,8 @@ teacher-forced on ``prompt + completion``; the logprob of completion token t is 
 the logits at position ``len(prompt) + t - 1``.
 
 Invariants: output arrays are float32 with exactly one entry per completion token; samples
-with an empty completion get an empty array. Groups are scored in one padded batch.
+with an empty completion get an empty array. Groups are scored in one padded batch, the
+completions packed behind shared copies of their prompt (same logprobs as one row each).
 """
 
 from __future__ import annotations
@@ -15,33 +16,40 @@ import numpy as np
 import torch
 
 from schemas.messages import ScoredGroup, TrainGroup
+from stages.learner.batch import SeqItem, collate, rows
 from stages.learner.head import logprob_head
-from stages.model import PAD_ID, build_model
+from stages.model import build_model
 
 
 def completion_logprobs(model: torch.nn.Module, prompt: np.ndarray, completions: list[np.ndarray],
                         device: str | torch.device = "cpu") -> list[np.ndarray]:
-    """Teacher-forced logprob of each completion token under ``model``, one batch."""
+    """Teacher-forced logprob of each completion token under ``model``, one batch. The
+    completions sit behind shared copies of the prompt, as the learner trains them
+    (``stages.learner.batch.rows``): the prompt's forward runs once per row, not once per
+    completion."""
     if not completions:
         return []
     p = len(prompt)
-    seqs = [np.concatenate([prompt, c]).astype(np.int64) for c in completions]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.from_numpy(s)
-        mask[i, : len(s)] = 1
+    prompt = np.asarray(prompt, np.int64)
+    items = [SeqItem(np.concatenate([prompt, np.asarray(c, np.int64)]), p, np.zeros(len(c), np.float32), None,
+                     0.0, 0.0, group=0) for c in completions if len(c)]
+    out = [np.zeros(0, np.float32) for _ in completions]
+    if not items:
+        return out
     # Only completion positions go through the LM head (stages.learner.head): no [B, L, V]
     # logits, which at a 152k vocabulary and 1k-token rows are ~10 GB in fp32 per group.
-    index = np.concatenate([i * width + np.arange(p - 1, p - 1 + len(c)) for i, c in enumerate(completions)])
-    targets = np.concatenate(completions).astype(np.int64)
-    ids, mask = ids.to(device), mask.to(device)
-    with torch.inference_mode(), logprob_head(model.lm_head, torch.from_numpy(index).to(device),
-                                              torch.from_numpy(targets).to(device)):
-        logp = model(input_ids=ids, attention_mask=mask).logits.cpu().numpy().astype(np.float32)
-    bounds = np.cumsum([0] + [len(c) for c in completions])
-    return [logp[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    mb = collate(rows(items), torch.device(device))
+    extra = {} if mb.position_ids is None else {"position_ids": mb.position_ids}
+    with torch.inference_mode(), logprob_head(model.lm_head, mb.index, mb.targets):
+        logp = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **extra).logits
+    logp = logp.cpu().numpy().astype(np.float32)  # in the items' order (rows keep it)
+    bounds = np.cumsum([0] + [len(it.behaviour) for it in items])
+    spans = iter(zip(bounds[:-1], bounds[1:]))
+    for i, c in enumerate(completions):
+        if len(c):
+            a, b = next(spans)
+            out[i] = logp[a:b]
+    return out
 
 
 class ReferenceScorer:
