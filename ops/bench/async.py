@@ -18,7 +18,8 @@ them (start-up excluded); final reward = mean reward of the last 10% of steps. W
 ``--pairs P`` the two runs are repeated P times, one pair after the other, and the last line
 gives medians, the speedup being the median of the pairs' own ratios: on a shared VM the
 machine's speed drifts by up to ±20 % within minutes, and a pair run back to back sees
-the least of it. Last line:
+the least of it. Even pairs run sync first, odd pairs async first, so that a steady drift
+favours neither mode. Last line:
 
     bench async: sync_samples_per_s=A async_samples_per_s=B speedup=S sync_final_reward=R0 async_final_reward=R1
 """
@@ -176,7 +177,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
         for pair in range(args.pairs):
             out = {}
-            for staleness in (0, 2):
+            # Odd pairs run async first: a machine that drifts one way over a pair then
+            # favours neither mode across pairs.
+            for staleness in ((0, 2) if pair % 2 == 0 else (2, 0)):
                 run_dir = Path(tmp) / f"p{pair}-s{staleness}"
                 stack = write_stack_toml(base, Path(tmp) / f"stack-p{pair}-s{staleness}.toml", max_staleness=staleness)
                 r = out[staleness] = run(stack, run_dir, steps)
