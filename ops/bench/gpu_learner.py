@@ -20,7 +20,10 @@ N_dec = matmul parameters of the decoder layers, T = real tokens (prompt + compl
 padding not counted), V × d the LM head, which only has to run where a token is trained
 (T_c = completion tokens; the head never runs on prompt positions), and the last term is causal
 attention (QKᵀ and PV, forward 2 × s² × d_head per head and layer, backward twice that)
-over each sequence of length s. MFU = FLOPs / step time / peak, peak = H100 SXM bf16 dense
+over each sequence of length s. These are the FLOPs of a row per completion: where a group's
+completions train behind one copy of their prompt (``--shared-row-tokens``, on by default for
+rows up to 512 tokens: short completions), the prompt's share is not computed 16 times, and
+tokens/s, TFLOP/s and MFU are effective figures (the plain layout's work per second). MFU = FLOPs / step time / peak, peak = H100 SXM bf16 dense
 989 TFLOP/s (``--peak-tflops``; about 800 is what a large bf16 matmul reaches there).
 ``--profile`` prints the top CUDA kernels of one more step of the last variant
 (torch.profiler) and how busy the GPU was: kernel time summed over the step's wall time
@@ -114,6 +117,9 @@ def child(a) -> dict:
     from stages.model import model_config
     from pipeline.endpoints import free_port
 
+    if a.shared_row_tokens is not None:
+        import stages.learner.trainer as trainer_module
+        trainer_module.SHARED_ROW_TOKENS = a.shared_row_tokens
     cuda = a.device == "cuda"
     if cuda:
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
@@ -196,6 +202,9 @@ def main() -> None:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one more step")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--shared-row-tokens", type=int, default=None,
+                    help="longest row of completions behind one prompt copy (stages.learner.batch."
+                         "SHARED_ROW_TOKENS, the default); 0: a row per completion")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
