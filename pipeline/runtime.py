@@ -242,6 +242,14 @@ SUPERVISOR_PID_VAR = "CONVEYOR_SUPERVISOR_PID"
 
 WORKER_NICE_VAR = "CONVEYOR_WORKER_NICE"
 """Niceness a stage takes once started (set by the supervisor: ``supervisor.worker_nice``)."""
+WORKER_POLICY = "SCHED_BATCH"
+"""Scheduling policy (name in ``os``) of a stage that lowers its priority. On the 2-core VM,
+two decode loops sharing a core spent 1.93 ms of CPU a call when preempted ~120 times a
+second and 1.45 ms with a tenth of the preemptions (alone: 1.33-1.45): each switch between
+these processes costs about a millisecond of cache refill. On the default stack, six
+alternating bench pairs each (2026-12-03): async/sync 1.12-1.85, median 1.46, with it
+against 1.15-1.45, median 1.30, without; async's CPU per step over sync's, median 0.995
+against 1.12."""
 
 
 def freeze_startup_heap() -> None:
@@ -259,14 +267,26 @@ def freeze_startup_heap() -> None:
 def lower_priority(nice: int) -> None:
     """Raise this process's niceness to ``nice``, and its session's where the kernel groups
     sessions for scheduling (autogroup): between sessions only the group's niceness counts,
-    and every stage runs in a session of its own. Raising needs no privilege; failures
-    leave the priority as it was."""
+    and every stage runs in a session of its own. Then put every thread of it under
+    ``SCHED_BATCH`` (Linux), which keeps its niceness but never preempts a running thread when
+    it wakes up: a reward or logprob stage woken by a message waits for the rollout running
+    on that core to block or use up its slice, instead of cutting into a decode step, whose
+    caches it would then refill (``WORKER_POLICY``). The learner stays a normal thread and
+    still preempts these at once. Raising needs no privilege; failures leave the priority
+    and policy as they were."""
     if nice <= 0:
         return
     with contextlib.suppress(OSError):
         os.nice(nice - os.nice(0))
     with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
         f.write(str(nice))
+    policy = getattr(os, WORKER_POLICY, None)
+    if policy is None:
+        return
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):  # threads started later inherit it
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(int(tid), policy, os.sched_param(0))
 
 
 def set_parent_death_signal() -> None:

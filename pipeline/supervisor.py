@@ -9,7 +9,8 @@ Invariants and failure behaviour:
   exec, plus the stage runtime's parent watchdog). Nothing is ever killed by name.
 - Stages that can run ahead of the learner (source, rollout, reward, logprob) run at
   niceness ``worker_nice`` (19 by default when the learner trains on the CPU) once started
-  (``pipeline.runtime.lower_priority``): the learner, the async stack's critical path, is
+  (``pipeline.runtime.lower_priority``, which also puts them under ``SCHED_BATCH``: they do
+  not preempt one another on waking): the learner, the async stack's critical path, is
   never preempted by work with slack, and no start is starved into a heartbeat timeout.
   The learner's processes are pinned to ``run.learner_cpus`` (by default one core when a
   one-thread learner trains on the CPU), set in the child before exec.

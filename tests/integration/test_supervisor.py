@@ -68,6 +68,9 @@ async def test_killed_replica_is_restarted_and_the_stack_goes_on(tmp_path, monke
         assert niceness(pids["learner/0"])[0] == 0 and niceness(pids["publisher/0"])[0] == 0
         for name in ("source/0", "rollout/0", "rollout/1", "reward/0", "logprob/0"):
             assert niceness(pids[name])[0] == 19 and niceness(pids[name])[1] in ("", "19"), name
+            # and none of their threads preempts another on waking (the learner's still do)
+            assert {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pids[name]}/task")} == {os.SCHED_BATCH}, name
+        assert os.sched_getscheduler(pids["learner/0"]) == os.SCHED_OTHER
         # The one-thread CPU learner keeps one core (every thread of it); the rest may run anywhere.
         usable = os.sched_getaffinity(0)
         expected = set(sup.learner_cpus) or usable  # one core on a 2-core CI machine; none pinned with threads to spread
