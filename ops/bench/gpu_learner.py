@@ -23,8 +23,9 @@ attention (QKᵀ and PV, forward 2 × s² × d_head per head and layer, backward
 over each sequence of length s. These are the FLOPs of a row per completion: where a group's
 completions train behind one copy of their prompt (``--shared-row-tokens``, on by default for
 rows up to 512 tokens: short completions), the prompt's share is not computed 16 times, and
-tokens/s, TFLOP/s and MFU are effective figures (the plain layout's work per second). MFU = FLOPs / step time / peak, peak = H100 SXM bf16 dense
-989 TFLOP/s (``--peak-tflops``; about 800 is what a large bf16 matmul reaches there).
+tokens/s, TFLOP/s and MFU are effective figures (the plain layout's work per second).
+MFU = FLOPs / step time / peak, peak = H100 SXM bf16 dense 989 TFLOP/s (``--peak-tflops``;
+about 800 is what a large bf16 matmul reaches there).
 ``--profile`` prints the top CUDA kernels of one more step of the last variant
 (torch.profiler) and how busy the GPU was: kernel time summed over the step's wall time
 (well under 1: the GPU waits on Python, kernel launches or host syncs). Last line, the best variant of each model:

@@ -69,7 +69,7 @@ class Row:
     seqs: list[SeqItem]
 
     def __len__(self) -> int:
-        return self.seqs[0].prompt_len + sum(len(s.tokens) - s.prompt_len for s in self.seqs)
+        return self.seqs[0].prompt_len + sum(len(s.completion) for s in self.seqs)
 
 
 @dataclass
@@ -150,7 +150,7 @@ def rows(items: list[SeqItem], max_row: int = SHARED_ROW_TOKENS) -> list[Row]:
     for it in items:
         last = out[-1] if out else None
         if (last is not None and it.group >= 0 and last.seqs[-1].group == it.group
-                and len(last) + len(it.tokens) - it.prompt_len <= max_row):
+                and len(last) + len(it.completion) <= max_row):
             last.seqs.append(it)
         else:
             out.append(Row([it]))
