@@ -162,6 +162,11 @@ class LearnerSection(msgspec.Struct, **_CFG):
     """Prompt groups per optimizer step."""
     micro_batch_tokens: int = 4096
     """Token budget of one packed micro-batch."""
+    shared_row_tokens: int = 512
+    """Longest row into which a group's completions are packed behind one copy of their
+    prompt (each attends to the prompt and itself only); 0 gives every completion a row of
+    its own. Capped at ``micro_batch_tokens``; MoE models always get a row per completion.
+    Also used by the logprob stage's reference scoring."""
     checkpoint_every: int = 10
     """Checkpoint every N steps (0 disables)."""
     keep_checkpoints: int = 2

@@ -118,9 +118,6 @@ def child(a) -> dict:
     from stages.model import model_config
     from pipeline.endpoints import free_port
 
-    if a.shared_row_tokens is not None:
-        import stages.learner.trainer as trainer_module
-        trainer_module.SHARED_ROW_TOKENS = a.shared_row_tokens
     cuda = a.device == "cuda"
     if cuda:
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
@@ -151,7 +148,8 @@ def child(a) -> dict:
             free()
             cfg = LearnerConfig(model=a.child, device=a.device, lr=1e-5, micro_batch_tokens=budget,
                                 groups_per_step=a.groups, max_staleness=100, run_dir=tempfile.mkdtemp(),
-                                activation_checkpointing=a.activation_checkpointing, compile_layers=want_compile)
+                                activation_checkpointing=a.activation_checkpointing, compile_layers=want_compile,
+                                **({} if a.shared_row_tokens is None else {"shared_row_tokens": a.shared_row_tokens}))
             t0 = time.perf_counter()
             learner, compiled = Learner(cfg), want_compile
             print(f"{a.child}: built learner (compile_layers={want_compile}) in {time.perf_counter() - t0:.1f} s",
@@ -204,8 +202,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one more step")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--shared-row-tokens", type=int, default=None,
-                    help="longest row of completions behind one prompt copy (stages.learner.batch."
-                         "SHARED_ROW_TOKENS, the default); 0: a row per completion")
+                    help="learner.shared_row_tokens: longest row of completions behind one prompt copy "
+                         "(default: the config's); 0: a row per completion")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

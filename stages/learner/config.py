@@ -18,6 +18,7 @@ from typing import Literal
 import msgspec
 
 from schemas.stack import LearnerSection
+from stages.learner.batch import SHARED_ROW_TOKENS
 
 
 class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -59,6 +60,9 @@ class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Token losses averaged over all completion tokens of the step, or per sequence then over sequences."""
     micro_batch_tokens: int = 4096
     """Token budget of one micro-batch (padded rows × longest row); a longer sequence gets one alone."""
+    shared_row_tokens: int = SHARED_ROW_TOKENS
+    """Longest shared-prompt row (``stages.learner.batch.SHARED_ROW_TOKENS``); 0: a row per
+    completion. MoE models always train a row per completion (HF's router loss reads a 2-D mask)."""
     groups_per_step: int = 8
     """Prompt groups per optimizer step (the shell's batch size)."""
     max_staleness: int = 2
@@ -89,6 +93,7 @@ class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                    max_grad_norm=section.max_grad_norm, loss=section.loss, clip_eps_low=section.clip_eps,
                    clip_eps_high=section.clip_eps, tis_cap=section.tis_cap, kl_coef=section.kl_coef,
                    aggregation=section.aggregation, micro_batch_tokens=section.micro_batch_tokens,
+                   shared_row_tokens=section.shared_row_tokens,
                    groups_per_step=section.groups_per_step, max_staleness=max_staleness, run_dir=str(run_dir),
                    checkpoint_every=section.checkpoint_every, keep_last=section.keep_checkpoints, seed=seed,
                    activation_checkpointing=section.activation_checkpointing,
@@ -126,6 +131,8 @@ class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             bad("kl_coef", "must be >= 0")
         if self.micro_batch_tokens < 2:
             bad("micro_batch_tokens", "must be >= 2 (one prompt token and one completion token)")
+        if self.shared_row_tokens < 0:
+            bad("shared_row_tokens", "must be >= 0 (0: a row per completion)")
         if self.groups_per_step < 1:
             bad("groups_per_step", "must be >= 1")
         if self.max_staleness < 0:

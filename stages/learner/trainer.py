@@ -42,7 +42,7 @@ import torch.distributed as dist
 from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainGroup
 from schemas.stack import LearnerSection
 from stages.learner import checkpoint as ckpt
-from stages.learner.batch import SHARED_ROW_TOKENS, group_problem, rank_micro_batches
+from stages.learner.batch import group_problem, rank_micro_batches
 from stages.learner.config import LearnerConfig
 from stages.learner.fsdp import build_sharded, full_parameters
 from stages.learner.head import logprob_head
@@ -198,7 +198,7 @@ class Learner:
                                  skip_zero_advantage=skip_zero,
                                  # HF's MoE load-balancing loss reads a [B, L] padding mask;
                                  # a shared-prompt row's mask is [B, 1, L, L].
-                                 shared_row_tokens=0 if self.moe else SHARED_ROW_TOKENS)
+                                 shared_row_tokens=0 if self.moe else cfg.shared_row_tokens)
         records: list[dict[str, torch.Tensor]] = []  # per micro-batch, read after the loop (no per-mb sync)
         for mb in mbs:
             # use_cache=False: a KV cache growing during the forward would make activation

@@ -14,7 +14,8 @@ from stages.logprob.scorer import ReferenceScorer
 
 async def run(ctx: StageContext) -> None:
     s = ctx.stack
-    scorer = ReferenceScorer(s.model.name, enabled=s.logprob.reference, seed=s.run.seed, device=s.logprob.device)
+    scorer = ReferenceScorer(s.model.name, enabled=s.logprob.reference, seed=s.run.seed, device=s.logprob.device,
+                             shared_row_tokens=s.learner.shared_row_tokens)  # score rows as the learner trains them
     inbox, out = ctx.work_in("scored"), ctx.work_out("train")
     async for msg in ctx.consume(inbox):
         if not isinstance(msg, ScoredGroup):

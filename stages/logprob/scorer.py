@@ -16,17 +16,18 @@ import numpy as np
 import torch
 
 from schemas.messages import ScoredGroup, TrainGroup
-from stages.learner.batch import SeqItem, collate, rows
+from stages.learner.batch import SHARED_ROW_TOKENS, SeqItem, collate, rows
 from stages.learner.head import logprob_head
 from stages.model import build_model
 
 
 def completion_logprobs(model: torch.nn.Module, prompt: np.ndarray, completions: list[np.ndarray],
-                        device: str | torch.device = "cpu") -> list[np.ndarray]:
+                        device: str | torch.device = "cpu", shared_row_tokens: int = SHARED_ROW_TOKENS,
+                        ) -> list[np.ndarray]:
     """Teacher-forced logprob of each completion token under ``model``, one batch. The
     completions sit behind shared copies of the prompt, as the learner trains them
-    (``stages.learner.batch.rows``): the prompt's forward runs once per row, not once per
-    completion."""
+    (``stages.learner.batch.rows``, rows of at most ``shared_row_tokens``; 0: a row per
+    completion): the prompt's forward runs once per row, not once per completion."""
     if not completions:
         return []
     p = len(prompt)
@@ -38,7 +39,7 @@ def completion_logprobs(model: torch.nn.Module, prompt: np.ndarray, completions:
         return out
     # Only completion positions go through the LM head (stages.learner.head): no [B, L, V]
     # logits, which at a 152k vocabulary and 1k-token rows are ~10 GB in fp32 per group.
-    mb = collate(rows(items), torch.device(device))
+    mb = collate(rows(items, shared_row_tokens), torch.device(device))
     extra = {} if mb.position_ids is None else {"position_ids": mb.position_ids}
     with torch.inference_mode(), logprob_head(model.lm_head, mb.index, mb.targets):
         logp = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **extra).logits
@@ -55,9 +56,11 @@ def completion_logprobs(model: torch.nn.Module, prompt: np.ndarray, completions:
 class ReferenceScorer:
     """Turns ScoredGroups into TrainGroups, adding reference logprobs when enabled."""
 
-    def __init__(self, model_name: str, *, enabled: bool, seed: int = 0, device: str = "cpu") -> None:
+    def __init__(self, model_name: str, *, enabled: bool, seed: int = 0, device: str = "cpu",
+                 shared_row_tokens: int = SHARED_ROW_TOKENS) -> None:
         self.enabled = enabled
         self.device = device
+        self.shared_row_tokens = shared_row_tokens
         self.model = build_model(model_name, device=device, seed=seed) if enabled else None
         if self.model is not None:
             self.model.requires_grad_(False)
@@ -66,5 +69,6 @@ class ReferenceScorer:
         if self.model is None:
             return TrainGroup(scored, None)
         r = scored.rollout
-        ref = completion_logprobs(self.model, r.group.prompt_ids, [s.token_ids for s in r.samples], self.device)
+        ref = completion_logprobs(self.model, r.group.prompt_ids, [s.token_ids for s in r.samples], self.device,
+                                  self.shared_row_tokens)
         return TrainGroup(scored, ref)

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import stages.learner.trainer as trainer_module
 from schemas.messages import Rollout, ScoredGroup, TrainGroup
 from stages.learner.config import LearnerConfig
 from stages.learner.trainer import Learner
@@ -41,11 +40,10 @@ def _groups() -> list[TrainGroup]:
     return out
 
 
-def test_shared_prompt_rows_train_like_plain_rows_on_cuda(nccl_rank, tmp_path, monkeypatch):
+def test_shared_prompt_rows_train_like_plain_rows_on_cuda(nccl_rank, tmp_path):
     shared = Learner(msgspec.structs.replace(CFG, run_dir=str(tmp_path / "shared")))
     got = shared.train_step(_groups()).metrics
-    monkeypatch.setattr(trainer_module, "SHARED_ROW_TOKENS", 0)  # a row per completion
-    plain = Learner(msgspec.structs.replace(CFG, run_dir=str(tmp_path / "plain")))
+    plain = Learner(msgspec.structs.replace(CFG, run_dir=str(tmp_path / "plain"), shared_row_tokens=0))  # a row per completion
     want = plain.train_step(_groups()).metrics
     # bf16 compute: the two layouts sum in different orders (other shapes, other kernels).
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=2e-2)

@@ -7,7 +7,7 @@ import torch
 
 from schemas.stack import LearnerSection
 from schemas.messages import Rollout, ScoredGroup, TrainGroup
-from stages.learner.batch import pack, rank_micro_batches, rows, step_items
+from stages.learner.batch import SHARED_ROW_TOKENS, pack, rank_micro_batches, rows, step_items
 from stages.learner.head import logprob_head
 from stages.model import build_model
 from stages.learner.config import LearnerConfig
@@ -180,7 +180,11 @@ def test_config_validation_names_the_field():
         LearnerConfig(mixed_precision=True).validate()
     with pytest.raises(ValueError, match=r"learner\.keep_last"):
         LearnerConfig(keep_last=0).validate()
-    cfg = LearnerConfig.from_section(LearnerSection(clip_eps=0.3, keep_checkpoints=4), model="tiny-moe",
-                                     run_dir="/tmp/x", max_staleness=3)
-    assert (cfg.clip_eps_low, cfg.clip_eps_high, cfg.keep_last, cfg.model, cfg.max_staleness) == (
-        0.3, 0.3, 4, "tiny-moe", 3)
+    with pytest.raises(ValueError, match=r"learner\.shared_row_tokens"):
+        LearnerConfig(shared_row_tokens=-1).validate()
+    cfg = LearnerConfig.from_section(LearnerSection(clip_eps=0.3, keep_checkpoints=4, shared_row_tokens=0),
+                                     model="tiny-moe", run_dir="/tmp/x", max_staleness=3)
+    assert (cfg.clip_eps_low, cfg.clip_eps_high, cfg.keep_last, cfg.model, cfg.max_staleness, cfg.shared_row_tokens) == (
+        0.3, 0.3, 4, "tiny-moe", 3, 0)
+    # The stack's default is the batcher's: one number, written in two places.
+    assert LearnerSection().shared_row_tokens == LearnerConfig().shared_row_tokens == SHARED_ROW_TOKENS

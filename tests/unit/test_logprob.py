@@ -1,6 +1,7 @@
 """Reference logprobs equal a per-sequence teacher-forced forward pass."""
 
 import numpy as np
+import pytest
 import torch
 
 from stages.logprob.scorer import ReferenceScorer, completion_logprobs
@@ -8,11 +9,12 @@ from stages.model import build_model
 from stages.testing import make_train_group
 
 
-def test_batched_reference_logprobs_match_single_sequence_forward():
+@pytest.mark.parametrize("shared_row_tokens", [512, 0])  # the completions behind one prompt; a row each
+def test_batched_reference_logprobs_match_single_sequence_forward(shared_row_tokens):
     model = build_model("tiny", seed=3)
     prompt = np.array([1, 5, 6, 7], np.int32)
     completions = [np.array([8, 9, 10, 2], np.int32), np.array([11], np.int32), np.array([], np.int32)]
-    got = completion_logprobs(model, prompt, completions)
+    got = completion_logprobs(model, prompt, completions, shared_row_tokens=shared_row_tokens)
     for c, lp in zip(completions, got):
         assert lp.dtype == np.float32 and lp.shape == c.shape
         if len(c):
