@@ -12,7 +12,11 @@ and how many cores the stack kept busy between its first and last step (CPU time
 process of the stack, from ``/proc``, over that window; Linux only). On a machine of ``C``
 cores no schedule beats sync by more than ``C / (sync's cores busy)`` at equal CPU per
 sample, which bounds the speedup this bench can show there. Per stage kind, the CPU time
-and the minor page faults per step over the same window.
+and the minor page faults per step over the same window. And the learner's mean step split
+into training and waiting for data (its ``train_s`` and ``wait_s`` metrics, the first step
+left out): where async's learner hardly waits, async is bound by the learner and gains at
+most sync's step over the learner's training time; where it waits, it is bound by the CPU
+the rest of the stack needs, and the cores-busy bound above is the one that counts.
 samples/s = completions trained between the first and the last step / wall time between
 them (start-up excluded); final reward = mean reward of the last 10% of steps. With
 ``--pairs P`` the two runs are repeated P times, one pair after the other, and the last line
@@ -157,7 +161,10 @@ def run(stack: Path, run_dir: Path, steps: int) -> dict:
     elapsed = rows[-1]["time"] - rows[0]["time"]
     trained = sum(r["samples"] for r in rows[1:])
     tail = rows[-max(1, len(rows) // 10):]
+    steady = rows[1:] or rows  # the first step's wait is the stack's start-up
     return {"samples_per_s": trained / elapsed, "final_reward": sum(r["reward_mean"] for r in tail) / len(tail),
+            "learner_train_ms": 1e3 * statistics.fmean(r["train_s"] for r in steady),
+            "learner_wait_ms": 1e3 * statistics.fmean(r["wait_s"] for r in steady),
             "steps": len(rows), "seconds": elapsed, "time_to_target_s": reached, "cores_busy": watch.cores_busy(),
             "cpu_ms_per_step": {k: 1e3 * v for k, v in watch.per_step(CPU_S).items()},
             "faults_per_step": watch.per_step(FAULTS)}
@@ -190,6 +197,9 @@ def main() -> None:
                       f"cores busy between the first and last step: "
                       f"{'n/a' if r['cores_busy'] is None else format(r['cores_busy'], '.2f')} of {usable_cores()}",
                       flush=True)
+                busy = r["learner_train_ms"] / max(r["learner_train_ms"] + r["learner_wait_ms"], 1e-9)
+                print(f"  learner per step: training {r['learner_train_ms']:.1f} ms, waiting for data "
+                      f"{r['learner_wait_ms']:.1f} ms (training {100 * busy:.0f} % of the time)", flush=True)
                 if r["cpu_ms_per_step"]:
                     print("  CPU ms per step by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms_per_step"].items())
                           + f"; total {sum(r['cpu_ms_per_step'].values()):.1f}", flush=True)

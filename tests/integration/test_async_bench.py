@@ -12,6 +12,9 @@ def test_async_bench_reports_the_median_of_its_pairs():
     # the second pair runs async first (drift favours neither mode)
     assert [(a, b) for a, b, _ in runs] == [("0", "0"), ("0", "2"), ("1", "2"), ("1", "0")], out[-3000:]
     rate = {(a, b): float(r) for a, b, r in runs}
+    split = re.findall(r"^  learner per step: training ([\d.]+) ms, waiting for data ([\d.]+) ms "
+                       r"\(training (\d+) % of the time\)$", out, re.M)
+    assert len(split) == 4 and all(float(t) > 0 for t, _, _ in split), out[-3000:]
     pairs = re.search(r"^speedup of each pair: ([\d.]+), ([\d.]+)$", out, re.M)
     last = re.search(r"^bench async: sync_samples_per_s=([\d.]+) async_samples_per_s=([\d.]+) speedup=([\d.]+) "
                      r"sync_final_reward=[\d.]+ async_final_reward=[\d.]+$", out, re.M)

@@ -43,7 +43,8 @@ def _groups() -> list[TrainGroup]:
 def test_shared_prompt_rows_train_like_plain_rows_on_cuda(nccl_rank, tmp_path):
     shared = Learner(msgspec.structs.replace(CFG, run_dir=str(tmp_path / "shared")))
     got = shared.train_step(_groups()).metrics
-    plain = Learner(msgspec.structs.replace(CFG, run_dir=str(tmp_path / "plain"), shared_row_tokens=0))  # a row per completion
+    # a row per completion
+    plain = Learner(msgspec.structs.replace(CFG, run_dir=str(tmp_path / "plain"), shared_row_tokens=0))
     want = plain.train_step(_groups()).metrics
     # bf16 compute: the two layouts sum in different orders (other shapes, other kernels).
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=2e-2)

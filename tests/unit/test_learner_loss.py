@@ -184,7 +184,7 @@ def test_config_validation_names_the_field():
         LearnerConfig(shared_row_tokens=-1).validate()
     cfg = LearnerConfig.from_section(LearnerSection(clip_eps=0.3, keep_checkpoints=4, shared_row_tokens=0),
                                      model="tiny-moe", run_dir="/tmp/x", max_staleness=3)
-    assert (cfg.clip_eps_low, cfg.clip_eps_high, cfg.keep_last, cfg.model, cfg.max_staleness, cfg.shared_row_tokens) == (
-        0.3, 0.3, 4, "tiny-moe", 3, 0)
+    got = (cfg.clip_eps_low, cfg.clip_eps_high, cfg.keep_last, cfg.model, cfg.max_staleness, cfg.shared_row_tokens)
+    assert got == (0.3, 0.3, 4, "tiny-moe", 3, 0)
     # The stack's default is the batcher's: one number, written in two places.
     assert LearnerSection().shared_row_tokens == LearnerConfig().shared_row_tokens == SHARED_ROW_TOKENS
