@@ -34,11 +34,23 @@ SCALE_TIMEOUT_S = 60.0
 
 
 def _load(path: Path) -> Stack:
+    """The stack file, decoded and checked: its own rules, then the learner's (``LearnerConfig``,
+    as the learner will build it), so that a bad learner field stops ``check`` and ``up`` here
+    instead of crash-looping the learner's process. Exits 2 naming the file and the field."""
     try:
-        return load_stack(path)
+        stack = load_stack(path)
     except StackError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2)
+    from stages.learner.config import LearnerConfig  # imports torch: only once the file decoded
+
+    try:
+        LearnerConfig.from_section(stack.learner, model=stack.model.name, run_dir=stack.run.dir,
+                                   max_staleness=stack.run.max_staleness, seed=stack.run.seed).validate()
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {path}: {e}", highlight=False)
+        raise typer.Exit(2)
+    return stack
 
 
 @app.command()

@@ -229,8 +229,6 @@ class Stack(msgspec.Struct, **_CFG):
         cpus = self.run.learner_cpus or []
         if any(c < 0 for c in cpus) or len(set(cpus)) != len(cpus):
             fail("run.learner_cpus", f"must be distinct CPU ids >= 0, got {cpus}")
-        if self.learner.shared_row_tokens < 0:
-            fail("learner.shared_row_tokens", "must be >= 0 (0: a row per completion)")
         if self.source.group_size < 2 and self.learner.loss == "grpo":
             fail("source.group_size", "GRPO needs at least 2 samples per group")
         if self.learner.kl_coef > 0 and not self.logprob.reference:

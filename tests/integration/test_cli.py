@@ -75,6 +75,10 @@ def test_status_and_scale_talk_to_a_running_stack(tmp_path):
     ("[source]\n[rollout]\nreplicas = 0\n[reward]\n[logprob]\n[learner]\n[publisher]\n", "rollout.replicas"),
     ("[run]\nshutdown_timeout_s = 0\n[source]\n[rollout]\n[reward]\n[logprob]\n[learner]\n[publisher]\n",
      "run.shutdown_timeout_s"),
+    # the learner's own rules (LearnerConfig), checked before any process starts
+    ("[source]\n[rollout]\n[reward]\n[logprob]\n[learner]\nshared_row_tokens = -1\n[publisher]\n",
+     "learner.shared_row_tokens"),
+    ("[source]\n[rollout]\n[reward]\n[logprob]\n[learner]\ntis_cap = 1.1\n[publisher]\n", "learner.tis_cap"),
 ])
 def test_broken_stack_files_exit_2_naming_the_field(tmp_path, body, field):
     p = tmp_path / "broken.toml"

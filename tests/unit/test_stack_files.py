@@ -81,13 +81,3 @@ def test_learner_cpus_pin_a_one_thread_cpu_learner_only(tmp_path):
         with pytest.raises(StackError, match="run.learner_cpus"):
             load_stack(write_stack_toml(raw, tmp_path / "bad.toml"))
 
-
-def test_shared_row_tokens_is_checked_with_the_stack(tmp_path):
-    from schemas.stack import StackError
-
-    raw = tomllib.loads(DEFAULT.read_text())
-    raw["learner"]["shared_row_tokens"] = 0
-    assert load_stack(write_stack_toml(raw, tmp_path / "plain.toml")).learner.shared_row_tokens == 0
-    raw["learner"]["shared_row_tokens"] = -1
-    with pytest.raises(StackError, match="learner.shared_row_tokens"):
-        load_stack(write_stack_toml(raw, tmp_path / "bad.toml"))
