@@ -80,4 +80,3 @@ def test_learner_cpus_pin_a_one_thread_cpu_learner_only(tmp_path):
         raw["run"]["learner_cpus"] = bad
         with pytest.raises(StackError, match="run.learner_cpus"):
             load_stack(write_stack_toml(raw, tmp_path / "bad.toml"))
-
