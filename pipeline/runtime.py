@@ -171,8 +171,10 @@ class StageContext:
             finally:
                 self.in_flight -= 1
 
-    async def serve(self, puller: WorkPuller, kind: type, handle: Callable[[Any], Awaitable[None]]) -> None:
-        """Run ``handle(msg)`` for every ``kind`` message of a work stream, concurrently (at
+    async def serve(self, puller: WorkPuller, kind: type | tuple[type, ...],
+                    handle: Callable[[Any], Awaitable[None]]) -> None:
+        """Run ``handle(msg)`` for every ``kind`` message (a type or a tuple of them) of a
+        work stream, concurrently (at
         most the puller's credit at once); returns once drained and every handler finished.
         A handler that raises is logged and counted; the others go on."""
         tasks: set[asyncio.Task] = set()
@@ -193,7 +195,7 @@ class StageContext:
             except EOFError:
                 break
             if not isinstance(msg, kind):
-                self.log.warning("unexpected message", tag=type(msg).__name__, expected=kind.__name__)
+                self.log.warning("unexpected message", tag=type(msg).__name__, expected=repr(kind))
                 puller.release()
                 continue
             self.in_flight += 1

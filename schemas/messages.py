@@ -128,6 +128,33 @@ class GroupFailed(msgspec.Struct, tag="group_failed", array_like=True, gc=False)
     stage: str
 
 
+# Batches of the work stream: every message costs each hop (sender, broker, receiver) a
+# fixed share of CPU whatever its size, ~100-250 µs on the 2-core default stack (ad hoc), and
+# the groups one engine step finishes travel together from there on. A batch is one work
+# item to the broker and to a worker's credit; its groups keep their own ids, terminal states
+# and failures. Receivers take single groups and batches alike (recordings of either replay).
+
+
+class RolloutBatch(msgspec.Struct, tag="rollout_batch", array_like=True, gc=False):
+    """rollout → reward (PUSH/PULL): the groups one engine finished in the same step (two or
+    more; a lone group goes as a ``Rollout``)."""
+
+    rollouts: list[Rollout]
+
+
+class ScoredBatch(msgspec.Struct, tag="scored_batch", array_like=True, gc=False):
+    """reward → logprob (PUSH/PULL): the groups of one ``RolloutBatch``, scored, in its order."""
+
+    groups: list[ScoredGroup]
+
+
+class TrainBatch(msgspec.Struct, tag="train_batch", array_like=True, gc=False):
+    """logprob → learner (PUSH/PULL): the groups of one ``ScoredBatch``, in its order, each
+    ready to train or failed with its reason."""
+
+    groups: list[Union[TrainGroup, GroupFailed]]
+
+
 # --------------------------------------------------------------------------- broadcasts
 
 
@@ -461,6 +488,9 @@ Message = Union[
     WeightsOffer,
     WeightsLoaded,
     CanaryReport,
+    RolloutBatch,
+    ScoredBatch,
+    TrainBatch,
 ]
 """Every wire message; the codec decodes bodies against this tagged union."""
 

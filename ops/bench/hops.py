@@ -36,7 +36,9 @@ import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
-from schemas.messages import GroupFailed, Message, PromptGroup, Rollout, ScoredGroup, TrainGroup
+from schemas.messages import (
+    GroupFailed, Message, PromptGroup, Rollout, RolloutBatch, ScoredBatch, ScoredGroup, TrainBatch, TrainGroup,
+)
 from schemas.stack import write_stack_toml
 from transport.record import read_messages
 
@@ -49,18 +51,23 @@ SKIP_FRACTION = 0.2
 """Share of the run (by issue order) left out: the first steps compile and warm caches."""
 
 
-def group_id_of(msg: Message) -> str | None:
-    """The group a work message is about, or None for any other message."""
+def groups_in(msg: Message) -> list[tuple[str, Message]]:
+    """(group id, the group's own message) for each group a work message carries: one, or
+    every group of a batch; [] for any other message."""
     match msg:
         case PromptGroup() | GroupFailed():
-            return msg.group_id
+            return [(msg.group_id, msg)]
         case Rollout():
-            return msg.group.group_id
+            return [(msg.group.group_id, msg)]
         case ScoredGroup():
-            return msg.rollout.group.group_id
+            return [(msg.rollout.group.group_id, msg)]
         case TrainGroup():
-            return msg.scored.rollout.group.group_id
-    return None
+            return [(msg.scored.rollout.group.group_id, msg)]
+        case RolloutBatch():
+            return [g for r in msg.rollouts for g in groups_in(r)]
+        case ScoredBatch() | TrainBatch():
+            return [g for x in msg.groups for g in groups_in(x)]
+    return []
 
 
 def hop_latencies(issued: dict[str, float], consumed: dict[str, float],
@@ -71,13 +78,11 @@ def hop_latencies(issued: dict[str, float], consumed: dict[str, float],
     seen: dict[str, dict[str, float]] = {}
     for stream in RECORDED:
         for recv_time, sent_at, msg in received.get(stream, ()):
-            gid = group_id_of(msg)
-            if gid is None:
-                continue
-            d = seen.setdefault(gid, {})
-            d[f"{stream}_sent"], d[f"{stream}_recv"] = sent_at, recv_time
-            if stream == "rollouts":
-                d["gen"] = msg.gen_seconds
+            for gid, group in groups_in(msg):
+                d = seen.setdefault(gid, {})
+                d[f"{stream}_sent"], d[f"{stream}_recv"] = sent_at, recv_time
+                if stream == "rollouts":
+                    d["gen"] = group.gen_seconds
     out: dict[str, list[float]] = {h: [] for h in HOPS}
     for gid, d in seen.items():
         if gid not in issued or gid not in consumed or len(d) != 7:

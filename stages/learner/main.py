@@ -1,8 +1,9 @@
 """Learner stage shell: one process per rank; rank 0 owns every socket.
 
-Rank 0 pulls ``TrainGroup``/``GroupFailed`` from the ``train`` stream until it has
-``groups_per_step`` trainable groups (``Learner.admit`` drops duplicates, stale and failed
-ones with a reason), broadcasts the batch to all ranks (``feed.broadcast_batch``), and
+Rank 0 pulls ``TrainGroup``/``GroupFailed`` (alone or in a ``TrainBatch``) from the ``train``
+stream until it has ``groups_per_step`` trainable groups (``Learner.admit`` drops duplicates,
+stale and failed ones with a reason; groups of a batch beyond the step wait, unadmitted, for
+the next one, whose version then judges their staleness), broadcasts the batch to all ranks (``feed.broadcast_batch``), and
 after the step: publishes ``Progress`` (consumed and dropped ids), sends step ``Metrics``
 to the supervisor, and stages the new weights (``stages.publisher.outlet``: full
 parameters and the canary forward on every rank, then rank 0's sender for
@@ -27,6 +28,7 @@ newer-numbered ones of the lost timeline.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.runtime import StageContext
-from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainGroup
+from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainBatch, TrainGroup
 from stages.learner.feed import StepBatch, broadcast_batch
 from stages.learner.trainer import Learner
 from stages.publisher.outlet import WeightOutlet
@@ -109,19 +111,28 @@ async def run(ctx: StageContext) -> None:
             ctx.log.info("checkpoint complete", step=learner.checkpoint_step,
                          seconds=round(time.perf_counter() - t_saved, 3))
 
+    received: collections.deque[TrainGroup | GroupFailed] = collections.deque()
+    """Groups taken off the stream and not admitted yet (a batch's groups beyond a step)."""
+
     async def collect() -> StepBatch:
         keep: list[TrainGroup] = []
         while len(keep) < s.learner.groups_per_step:
-            try:
-                msg = await inbox.recv()
-            except EOFError:  # draining: train what is held, then stop
-                return StepBatch(keep, stop=not keep)
-            if isinstance(msg, (TrainGroup, GroupFailed)):
-                k, d = learner.admit([msg], in_step={g.scored.rollout.group.group_id for g in keep})
-                keep += k
-                if d:  # report terminal drops promptly: the source returns their credit
-                    learner.record_dropped(d)
-                    await progress.send(report(learner.step, learner.version, dropped=d))
+            if not received:
+                try:
+                    msg = await inbox.recv()
+                except EOFError:  # draining: train what is held, then stop
+                    return StepBatch(keep, stop=not keep)
+                match msg:
+                    case TrainBatch():
+                        received.extend(msg.groups)
+                    case TrainGroup() | GroupFailed():
+                        received.append(msg)
+                continue
+            k, d = learner.admit([received.popleft()], in_step={g.scored.rollout.group.group_id for g in keep})
+            keep += k
+            if d:  # report terminal drops promptly: the source returns their credit
+                learner.record_dropped(d)
+                await progress.send(report(learner.step, learner.version, dropped=d))
         return StepBatch(keep)
 
     try:

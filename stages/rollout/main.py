@@ -2,7 +2,8 @@
 
 Sockets: work in ``prompts`` (credit ``BATCHES_HELD`` × the groups that fill the engine's
 batch: a replica holds at most that many, and a kill loses at most that many), PUSH
-``rollouts``, SUB ``weights`` (offers; the last-value cache gives a (re)starting engine the
+``rollouts`` (the groups one engine step finishes go as one ``RolloutBatch``, a lone one as
+a ``Rollout``: ``transport.coalesce``), SUB ``weights`` (offers; the last-value cache gives a (re)starting engine the
 newest offer first, which it loads before asking for work), PUSH ``publish`` (its
 ``WeightsLoaded`` acknowledgements).
 
@@ -18,11 +19,12 @@ import time
 
 import transport
 from pipeline.runtime import StageContext
-from schemas.messages import PromptGroup, Rollout, WeightsOffer
+from schemas.messages import PromptGroup, Rollout, RolloutBatch, WeightsOffer
 from stages.model import EOS_ID
 from stages.rollout.engines.base import SamplingParams
 from stages.rollout.engines.torch_engine import TorchEngine
 from stages.rollout.weights import ShmWeightLoader
+from transport.coalesce import TurnCoalescer
 
 BATCHES_HELD = 2
 """Engine batches' worth of groups a replica holds: one running and one waiting, so the
@@ -82,6 +84,11 @@ async def run(ctx: StageContext) -> None:
 
     follower = asyncio.get_running_loop().create_task(follow_weights())
     out = ctx.work_out("rollouts")
+
+    async def send_batch(rollouts: list[Rollout]) -> None:
+        await out.send(RolloutBatch(rollouts))
+
+    finished = TurnCoalescer(out.send, send_batch)
     credit = max(2, BATCHES_HELD * (s.rollout.max_batch // max(1, s.source.group_size)))
     inbox = ctx.work_in("prompts", credit=credit)
 
@@ -91,7 +98,7 @@ async def run(ctx: StageContext) -> None:
                                 max_tokens=s.rollout.max_tokens, stop_ids=[EOS_ID], n=group.n_samples)
         completions = await engine.generate(f"{group.group_id}/{group.attempt}", group.prompt_ids, params)
         samples = [c.to_sample() for c in completions]
-        await out.send(Rollout(group, samples, ctx.name, time.perf_counter() - t0))
+        await finished.submit(Rollout(group, samples, ctx.name, time.perf_counter() - t0))
 
     try:
         await ctx.serve(inbox, PromptGroup, generate)

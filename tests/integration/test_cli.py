@@ -11,24 +11,60 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transport.record import read_messages
+from schemas.messages import RolloutBatch, ScoredBatch, ScoredGroup, TrainBatch, TrainGroup
+from transport.codec import Codec
+from transport.record import StreamRecorder, read_messages
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 
 
+def _replay(stream: Path, stage: str, out: Path) -> str:
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "replay", str(stream), "--into", stage, "--out", str(out),
+                        "--quiet-s", "3"], capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
 def test_replay_recorded_rollouts_into_the_reward_stage(tmp_path):
     out = tmp_path / "scored.stream"
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "replay", str(DATA / "rollouts.stream"),
-                        "--into", "reward", "--out", str(out), "--quiet-s", "3"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "scored_group: 4" in r.stdout
+    assert "scored_group: 4" in _replay(DATA / "rollouts.stream", "reward", out)
     expected = json.loads((DATA / "rollouts.expected.json").read_text())
     got = {m.rollout.group.group_id: m.rewards for _, _, m in read_messages(out)}
     assert got.keys() == expected.keys()
     for gid, rewards in expected.items():
         np.testing.assert_allclose(got[gid], rewards, rtol=1e-6)
+
+
+def test_batches_pass_reward_and_logprob_whole_and_in_order(tmp_path):
+    """A RolloutBatch comes out of the reward stage as one ScoredBatch, and that out of the
+    logprob stage as one TrainBatch, groups in the batch's order; a lone Rollout beside it
+    stays a single group all the way."""
+    rollouts = [msg for _, _, msg in read_messages(DATA / "rollouts.stream")]
+    stream = tmp_path / "batched.stream"
+    recorder, codec = StreamRecorder(stream), Codec("rollout/0")
+    recorder("rollouts", codec.encode(RolloutBatch(rollouts[:3])))
+    recorder("rollouts", codec.encode(rollouts[3]))
+    recorder.close()
+    order = [r.group.group_id for r in rollouts]
+    expected = json.loads((DATA / "rollouts.expected.json").read_text())
+
+    assert "scored_batch: 1" in (out := _replay(stream, "reward", scored := tmp_path / "scored.stream"))
+    assert "scored_group: 1" in out
+    got = [msg for _, _, msg in read_messages(scored)]
+    batch, = (msg for msg in got if isinstance(msg, ScoredBatch))
+    single, = (msg for msg in got if isinstance(msg, ScoredGroup))
+    assert [g.rollout.group.group_id for g in batch.groups] == order[:3]
+    assert single.rollout.group.group_id == order[3]
+    for g in [*batch.groups, single]:
+        np.testing.assert_allclose(g.rewards, expected[g.rollout.group.group_id], rtol=1e-6)
+
+    assert "train_batch: 1" in (out := _replay(scored, "logprob", train := tmp_path / "train.stream"))
+    assert "train_group: 1" in out
+    got = [msg for _, _, msg in read_messages(train)]
+    batch, = (msg for msg in got if isinstance(msg, TrainBatch))
+    assert [g.scored.rollout.group.group_id for g in batch.groups] == order[:3]
+    assert all(isinstance(g, TrainGroup) and g.ref_logprobs is None for g in batch.groups)
 
 
 def test_status_and_scale_talk_to_a_running_stack(tmp_path):

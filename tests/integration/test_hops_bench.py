@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from schemas.messages import ScoredGroup, TrainGroup
+from schemas.messages import RolloutBatch, ScoredBatch, ScoredGroup, TrainBatch, TrainGroup
 from stages.testing import make_rollout
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +31,19 @@ def test_hops_split_a_groups_life_and_skip_groups_not_seen_everywhere():
     assert got == {"issue_to_generate": [0.5], "generate": [0.5], "to_reward": [0.2], "reward": [0.2],
                    "to_logprob": [0.2], "logprob": [0.1], "wait_for_learner": [1.3], "train": [0.5], "total": [3.5]}
     assert math.isclose(sum(out[h][0] for h in hops.HOPS[:-1]), out["total"][0])
+
+
+def test_hops_follow_each_group_through_batches():
+    hops = load_hops()
+    rollouts = [make_rollout("g1"), make_rollout("g2")]
+    for r in rollouts:
+        r.gen_seconds = 0.5
+    scored = [ScoredGroup(r, r.group.prompt_ids[:4].astype("float32")) for r in rollouts]
+    received = {"rollouts": [(11.2, 11.0, RolloutBatch(rollouts))], "scored": [(11.6, 11.4, ScoredBatch(scored))],
+                "train": [(13.0, 11.7, TrainBatch([TrainGroup(g) for g in scored]))]}
+    out = hops.hop_latencies({"g1": 10.0, "g2": 10.2}, {"g1": 13.5, "g2": 13.5}, received)
+    assert [round(x, 6) for x in out["to_reward"]] == [0.2, 0.2]
+    assert [round(x, 6) for x in out["total"]] == [3.5, 3.3]
 
 
 def test_hops_bench_runs_the_stack_and_prints_its_line():
