@@ -97,7 +97,9 @@ class Rollout(msgspec.Struct, tag="rollout", array_like=True, gc=False):
 
 
 class ScoredGroup(msgspec.Struct, tag="scored_group", array_like=True, gc=False):
-    """reward → logprob (PUSH/PULL): a rollout with one reward per sample."""
+    """reward → logprob (PUSH/PULL): a rollout with one reward per sample. A logprob stage with
+    nothing to add (no reference model) passes it on unread: logprob → learner, where it
+    counts as a ``TrainGroup`` without reference logprobs."""
 
     rollout: Rollout
     rewards: np.ndarray
@@ -143,7 +145,9 @@ class RolloutBatch(msgspec.Struct, tag="rollout_batch", array_like=True, gc=Fals
 
 
 class ScoredBatch(msgspec.Struct, tag="scored_batch", array_like=True, gc=False):
-    """reward → logprob (PUSH/PULL): the groups of one ``RolloutBatch``, scored, in its order."""
+    """reward → logprob (PUSH/PULL): the groups of one ``RolloutBatch``, scored, in its order;
+    passed on unread to the learner like a ``ScoredGroup`` when the logprob stage has
+    nothing to add."""
 
     groups: list[ScoredGroup]
 

@@ -33,12 +33,14 @@ from typing import Any
 import zmq
 
 from schemas.messages import Credit, Envelope, Message
+from transport.codec import DecodeError
 from transport.base import DEFAULT_HWM, DEFAULT_LINGER_MS, DEFAULT_MAX_MESSAGE_BYTES, Receiver
 from transport.zmq_sockets import _EVENTS, _POLLIN, PullChannel, RouterChannel, _recv_now, _send_now, _ZmqChannel
 
 SEND_RETRY_S = 0.001
 """Retry interval of a send to a worker whose pipe is full: short (the worker is reading),
 and the case is rare enough that polling costs nothing."""
+CREDIT_TAG = Credit.__struct_config__.tag
 WORKER_CREDIT = 2
 """Items a worker holds at most: one being processed and one ready, so it never idles
 waiting on a round trip, and a kill loses at most two items."""
@@ -221,20 +223,47 @@ class WorkPuller(_ZmqChannel, Receiver):
                 self.outstanding -= n
                 raise
 
+    async def _next_frames(self) -> list[Any]:
+        """The next message from the broker (a work item or a revocation's acknowledgement),
+        granting credit first; EOFError once drained and nothing more is on its way."""
+        await self._grant()
+        if self.draining and self.outstanding > 0:
+            await self.revoke()
+        if self.draining and self.outstanding == 0:
+            raise EOFError(f"{self.name}: drained")
+        return await self._recv_frames()
+
     async def recv_envelope(self) -> tuple[Envelope, Message]:
         while True:
-            await self._grant()
-            if self.draining and self.outstanding > 0:
-                await self.revoke()
-            if self.draining and self.outstanding == 0:
-                raise EOFError(f"{self.name}: drained")
-            got = self._accept(await self._recv_frames())
+            got = self._accept(await self._next_frames())
             if got is not None and isinstance(got[1], Credit):  # revocation acknowledged
                 self.outstanding -= got[1].n
                 continue
             self.outstanding -= 1
             if got is not None:
                 return got
+
+    async def recv_frames(self) -> list[Any]:
+        """The next work item's frames as received, not decoded: for a relay that passes items
+        on unread (``PushChannel.send_frames``), leaving decoding, validation and the count of
+        bad input to the consumer behind it. Taps (recordings) see the frames; only the
+        envelope is read, to tell the broker's revocation acknowledgements from work."""
+        while True:
+            frames = await self._next_frames()
+            try:
+                credit = self.codec.decode_envelope(frames).tag == CREDIT_TAG
+            except DecodeError:
+                credit = False  # not for us to judge: the consumer behind the relay counts it
+            if credit:
+                got = self._accept(frames)
+                if got is not None and isinstance(got[1], Credit):
+                    self.outstanding -= got[1].n
+                    continue
+            self.outstanding -= 1
+            for tap in self.taps:
+                tap(self.name, frames)
+            self.stats.received += 1
+            return frames
 
     async def recv_held(self) -> Message:
         """``recv`` for a consumer that works on several items at once: the item counts

@@ -222,6 +222,12 @@ class PushChannel(_ZmqChannel, Sender):
         await self._send_frames(self.codec.encode(msg))
         self.stats.sent += 1
 
+    async def send_frames(self, frames: Sequence[Any]) -> None:
+        """Send a message encoded elsewhere, e.g. frames a relay received and passes on
+        unread (``WorkPuller.recv_frames``); its envelope still names the original sender."""
+        await self._send_frames(frames)
+        self.stats.sent += 1
+
 
 class PullChannel(_ZmqChannel, Receiver):
     """Work consumer end."""

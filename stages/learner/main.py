@@ -1,7 +1,8 @@
 """Learner stage shell: one process per rank; rank 0 owns every socket.
 
-Rank 0 pulls ``TrainGroup``/``GroupFailed`` (alone or in a ``TrainBatch``) from the ``train``
-stream until it has ``groups_per_step`` trainable groups (``Learner.admit`` drops duplicates,
+Rank 0 pulls ``TrainGroup``/``GroupFailed`` (alone or in a ``TrainBatch``; a ``ScoredGroup`` or
+``ScoredBatch`` that a logprob stage without a reference model passed on counts as
+``TrainGroup``s without reference logprobs) from the ``train`` stream until it has ``groups_per_step`` trainable groups (``Learner.admit`` drops duplicates,
 stale and failed ones with a reason; groups of a batch beyond the step wait, unadmitted, for
 the next one, whose version then judges their staleness), broadcasts the batch to all ranks (``feed.broadcast_batch``), and
 after the step: publishes ``Progress`` (consumed and dropped ids), sends step ``Metrics``
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.runtime import StageContext
-from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainBatch, TrainGroup
+from schemas.messages import DroppedGroup, GroupFailed, Progress, ScoredBatch, ScoredGroup, TrainBatch, TrainGroup
 from stages.learner.feed import StepBatch, broadcast_batch
 from stages.learner.trainer import Learner
 from stages.publisher.outlet import WeightOutlet
@@ -127,6 +128,10 @@ async def run(ctx: StageContext) -> None:
                         received.extend(msg.groups)
                     case TrainGroup() | GroupFailed():
                         received.append(msg)
+                    case ScoredBatch():  # passed on unread by a logprob stage with nothing to add
+                        received.extend(TrainGroup(g) for g in msg.groups)
+                    case ScoredGroup():
+                        received.append(TrainGroup(msg))
                 continue
             k, d = learner.admit([received.popleft()], in_step={g.scored.rollout.group.group_id for g in keep})
             keep += k

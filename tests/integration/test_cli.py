@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from schemas.messages import RolloutBatch, ScoredBatch, ScoredGroup, TrainBatch, TrainGroup
+from schemas.messages import RolloutBatch, ScoredBatch, ScoredGroup
 from transport.codec import Codec
-from transport.record import StreamRecorder, read_messages
+from transport.record import StreamRecorder, read_messages, read_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -37,9 +37,9 @@ def test_replay_recorded_rollouts_into_the_reward_stage(tmp_path):
 
 
 def test_batches_pass_reward_and_logprob_whole_and_in_order(tmp_path):
-    """A RolloutBatch comes out of the reward stage as one ScoredBatch, and that out of the
-    logprob stage as one TrainBatch, groups in the batch's order; a lone Rollout beside it
-    stays a single group all the way."""
+    """A RolloutBatch comes out of the reward stage as one ScoredBatch, groups in the batch's
+    order, which the logprob stage (no reference model) passes on byte for byte; a lone
+    Rollout beside it stays a single group all the way."""
     rollouts = [msg for _, _, msg in read_messages(DATA / "rollouts.stream")]
     stream = tmp_path / "batched.stream"
     recorder, codec = StreamRecorder(stream), Codec("rollout/0")
@@ -59,12 +59,10 @@ def test_batches_pass_reward_and_logprob_whole_and_in_order(tmp_path):
     for g in [*batch.groups, single]:
         np.testing.assert_allclose(g.rewards, expected[g.rollout.group.group_id], rtol=1e-6)
 
-    assert "train_batch: 1" in (out := _replay(scored, "logprob", train := tmp_path / "train.stream"))
-    assert "train_group: 1" in out
-    got = [msg for _, _, msg in read_messages(train)]
-    batch, = (msg for msg in got if isinstance(msg, TrainBatch))
-    assert [g.scored.rollout.group.group_id for g in batch.groups] == order[:3]
-    assert all(isinstance(g, TrainGroup) and g.ref_logprobs is None for g in batch.groups)
+    # No reference model: the logprob stage passes each message on to the learner unread.
+    assert "scored_batch: 1" in (out := _replay(scored, "logprob", train := tmp_path / "train.stream"))
+    assert "scored_group: 1" in out
+    assert [r.frames for r in read_stream(train)] == [r.frames for r in read_stream(scored)]
 
 
 def test_status_and_scale_talk_to_a_running_stack(tmp_path):

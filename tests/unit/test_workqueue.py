@@ -112,6 +112,34 @@ async def test_drain_ends_even_when_no_more_work_arrives():
     broker.close()
 
 
+async def test_a_relay_passes_items_on_unread_and_still_drains():
+    """``recv_frames`` + ``send_frames``: items reach the consumer behind the relay byte for
+    byte (envelope and sender included), garbage too; the broker's revocation
+    acknowledgement is taken as credit, not passed on, so the relay's drain ends."""
+    broker = await _broker()
+    push = transport.push(broker.front_address, bind=False, sender="src/0")
+    relay_in = WorkPuller(broker.back_address, sender="relay/0", credit=4)
+    sink = transport.pull("tcp://127.0.0.1:*", bind=True, sender="sink/0")
+    relay_out = transport.push(sink.address, bind=False, sender="relay/0")
+    for s in range(6):
+        await push.send(m.Progress(s, 0, []))
+    await push._send_frames([b"garbage"])
+    for _ in range(7):
+        await relay_out.send_frames(await asyncio.wait_for(relay_in.recv_frames(), 5))
+    got = [await asyncio.wait_for(sink.recv_envelope(), 5) for _ in range(6)]
+    assert [msg.step for _, msg in got] == list(range(6))
+    assert {env.sender for env, _ in got} == {"src/0"}
+    with pytest.raises(asyncio.TimeoutError):  # the garbage is skipped there
+        await asyncio.wait_for(sink.recv(), 0.3)
+    assert sink.stats.rejected["malformed"] == 1  # judged behind the relay, not by it
+    relay_in.drain()
+    with pytest.raises(EOFError):
+        await asyncio.wait_for(relay_in.recv_frames(), 5)
+    for c in (push, relay_in, relay_out, sink):
+        c.close()
+    broker.close()
+
+
 async def test_two_receivers_on_one_puller_get_each_item_once_within_credit():
     # One receiver finds items ready (the non-blocking path) while the other is parked in
     # the channel's wait: no item is lost or taken twice, and grants never pile up past
