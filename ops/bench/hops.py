@@ -13,7 +13,9 @@ each trained group's life into hops (medians and 90th percentiles, groups of the
 - ``generate``: ``Rollout.gen_seconds``;
 - ``to_reward``, ``reward``, ``to_logprob``, ``logprob``: each stage's queue and its work;
 - ``wait_for_learner``: sent by the logprob stage → taken by the learner's ``collect``
-  (a recording is written when a stage takes a message, not when it lands in its socket);
+  (a recording is written when a stage takes a message, not when it lands in its socket).
+  A logprob stage without a reference model passes messages on unread, under the reward
+  stage's envelope: its ``logprob`` hop is then 0 (sent when taken);
 - ``train``: taken → its step's end (``consumed.jsonl``).
 
 A stack whose groups wait mostly in ``wait_for_learner`` is learner-bound: more generation
@@ -83,6 +85,11 @@ def hop_latencies(issued: dict[str, float], consumed: dict[str, float],
                 d[f"{stream}_sent"], d[f"{stream}_recv"] = sent_at, recv_time
                 if stream == "rollouts":
                     d["gen"] = group.gen_seconds
+                elif stream == "train" and isinstance(group, ScoredGroup):
+                    d["relayed"] = 1.0
+    for d in seen.values():  # relayed: the envelope is the reward stage's; the logprob stage
+        if d.pop("relayed", None) and "scored_recv" in d:  # passed it on when it took it
+            d["train_sent"] = d["scored_recv"]
     out: dict[str, list[float]] = {h: [] for h in HOPS}
     for gid, d in seen.items():
         if gid not in issued or gid not in consumed or len(d) != 7:

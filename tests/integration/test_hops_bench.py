@@ -44,6 +44,11 @@ def test_hops_follow_each_group_through_batches():
     out = hops.hop_latencies({"g1": 10.0, "g2": 10.2}, {"g1": 13.5, "g2": 13.5}, received)
     assert [round(x, 6) for x in out["to_reward"]] == [0.2, 0.2]
     assert [round(x, 6) for x in out["total"]] == [3.5, 3.3]
+    # A logprob stage without a reference model relays the ScoredBatch unread (reward's envelope).
+    received["train"] = [(13.0, 11.4, ScoredBatch(scored))]
+    out = hops.hop_latencies({"g1": 10.0, "g2": 10.2}, {"g1": 13.5, "g2": 13.5}, received)
+    assert [round(x, 6) for x in out["logprob"]] == [0.0, 0.0]
+    assert [round(x, 6) for x in out["wait_for_learner"]] == [1.4, 1.4]
 
 
 def test_hops_bench_runs_the_stack_and_prints_its_line():
