@@ -1,11 +1,12 @@
 """Learner stage shell: one process per rank; rank 0 owns every socket.
 
-Rank 0 pulls ``TrainGroup``/``GroupFailed`` (alone or in a ``TrainBatch``; a ``ScoredGroup`` or
-``ScoredBatch`` that a logprob stage without a reference model passed on counts as
-``TrainGroup``s without reference logprobs) from the ``train`` stream until it has ``groups_per_step`` trainable groups (``Learner.admit`` drops duplicates,
-stale and failed ones with a reason; groups of a batch beyond the step wait, unadmitted, for
-the next one, whose version then judges their staleness), broadcasts the batch to all ranks (``feed.broadcast_batch``), and
-after the step: publishes ``Progress`` (consumed and dropped ids), sends step ``Metrics``
+Rank 0 pulls ``TrainGroup``/``GroupFailed`` (alone or in a ``TrainBatch``; a ``ScoredGroup``
+or ``ScoredBatch`` that a logprob stage without a reference model passed on counts as
+``TrainGroup``s without reference logprobs) from the ``train`` stream until it has
+``groups_per_step`` trainable groups (``Learner.admit`` drops duplicates, stale and failed
+ones with a reason; groups of a batch beyond the step wait, unadmitted, for the next one,
+whose version then judges their staleness), broadcasts the batch to all ranks
+(``feed.broadcast_batch``), and after the step: publishes ``Progress`` (consumed and dropped ids), sends step ``Metrics``
 to the supervisor, and stages the new weights (``stages.publisher.outlet``: full
 parameters and the canary forward on every rank, then rank 0's sender for
 ``rollout.weight_transport`` → ``WeightsOffer`` to the publisher) while rank 0 already

@@ -6,10 +6,10 @@ without reference logprobs), which spares a decode and an encode of every group 
 CPU each on the 2-core default stack, ad hoc); the stage still holds its credit, so a
 kill loses what it held and the source reissues it, as for any stage.
 
-With it on, a ``ScoredGroup`` gives a ``TrainGroup``, a ``ScoredBatch`` one ``TrainBatch`` in its order.
-A group that fails to score (e.g. a token id outside the vocabulary) is forwarded as
-``GroupFailed`` with the reason (in its batch's place), so the learner records a terminal
-state for it; the stage keeps serving.
+With it on, a ``ScoredGroup`` gives a ``TrainGroup``, a ``ScoredBatch`` one ``TrainBatch``
+in its order. A group that fails to score (e.g. a token id outside the vocabulary) is
+forwarded as ``GroupFailed`` with the reason (in its batch's place), so the learner records
+a terminal state for it; the stage keeps serving.
 """
 
 from __future__ import annotations

@@ -1,20 +1,22 @@
 """Reward stage shell: ``rollouts`` work stream → ``RewardScorer`` → ``scored`` stream.
 
-Several messages are scored concurrently (up to the puller's credit), so one slow reward
-function never blocks other messages; each group is emitted whole. A ``Rollout`` gives a
-``ScoredGroup``; a ``RolloutBatch`` gives one ``ScoredBatch`` in its order once all its
-groups are scored (concurrently: a slow sample holds its batch up to ``reward.timeout_s``).
-``score`` never raises for anything a rollout or reward function does (see
+Several messages are scored concurrently (up to the puller's credit), and the groups of a
+``RolloutBatch`` concurrently too, so one slow reward function never holds up other groups.
+Each group is emitted whole as soon as it is scored; groups scored in the same turn of the
+event loop leave together as one ``ScoredBatch`` (``transport.coalesce``; a batch of
+built-in rewards, which run inline, leaves whole and in its order), a lone one as a
+``ScoredGroup``. ``score`` never raises for anything a rollout or reward function does (see
 ``stages.reward.scorer``).
 """
 
 from __future__ import annotations
 
-from pipeline.runtime import StageContext
 import asyncio
 
-from schemas.messages import Rollout, RolloutBatch, ScoredBatch
+from pipeline.runtime import StageContext
+from schemas.messages import Rollout, RolloutBatch, ScoredBatch, ScoredGroup
 from stages.reward.scorer import RewardConfig, RewardScorer
+from transport.coalesce import TurnCoalescer
 
 GROUPS_IN_FLIGHT = 4
 """Messages (groups or batches of them) scored at once per replica: enough to hide one slow
@@ -30,12 +32,20 @@ async def run(ctx: StageContext) -> None:
     await scorer.start()
     inbox, out = ctx.work_in("rollouts", credit=GROUPS_IN_FLIGHT), ctx.work_out("scored")
 
+    async def send_batch(groups: list[ScoredGroup]) -> None:
+        await out.send(ScoredBatch(groups))
+
+    scored = TurnCoalescer(out.send, send_batch)
+
+    async def score_one(rollout: Rollout) -> None:
+        await scored.submit(await scorer.score(rollout))
+
     async def score_and_send(msg: Rollout | RolloutBatch) -> None:
         match msg:
             case RolloutBatch():
-                await out.send(ScoredBatch(list(await asyncio.gather(*map(scorer.score, msg.rollouts)))))
+                await asyncio.gather(*map(score_one, msg.rollouts))
             case Rollout():
-                await out.send(await scorer.score(msg))
+                await score_one(msg)
 
     try:
         await ctx.serve(inbox, (Rollout, RolloutBatch), score_and_send)

@@ -3,9 +3,9 @@
 Sockets: work in ``prompts`` (credit ``BATCHES_HELD`` × the groups that fill the engine's
 batch: a replica holds at most that many, and a kill loses at most that many), PUSH
 ``rollouts`` (the groups one engine step finishes go as one ``RolloutBatch``, a lone one as
-a ``Rollout``: ``transport.coalesce``), SUB ``weights`` (offers; the last-value cache gives a (re)starting engine the
-newest offer first, which it loads before asking for work), PUSH ``publish`` (its
-``WeightsLoaded`` acknowledgements).
+a ``Rollout``: ``transport.coalesce``), SUB ``weights`` (offers; the last-value cache gives
+a (re)starting engine the newest offer first, which it loads before asking for work), PUSH
+``publish`` (its ``WeightsLoaded`` acknowledgements).
 
 Many groups are in flight at once (each a task awaiting ``engine.generate``); weight
 offers are applied between decode steps by the engine, so no request is dropped and each

@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from schemas.messages import RolloutBatch, ScoredBatch, ScoredGroup
+from schemas.messages import RolloutBatch, ScoredBatch, ScoredGroup, TrainBatch, TrainGroup
+from schemas.stack import write_stack_toml
 from transport.codec import Codec
 from transport.record import StreamRecorder, read_messages, read_stream
 
@@ -19,27 +21,42 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 
 
-def _replay(stream: Path, stage: str, out: Path) -> str:
+def _replay(stream: Path, stage: str, out: Path, stack: Path = ROOT / "ops" / "stack.toml") -> str:
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "replay", str(stream), "--into", stage, "--out", str(out),
-                        "--quiet-s", "3"], capture_output=True, text=True, cwd=ROOT, timeout=240)
+                        "--quiet-s", "3", "--stack", str(stack)], capture_output=True, text=True, cwd=ROOT, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
 
 def test_replay_recorded_rollouts_into_the_reward_stage(tmp_path):
     out = tmp_path / "scored.stream"
-    assert "scored_group: 4" in _replay(DATA / "rollouts.stream", "reward", out)
+    assert "input: 4" in _replay(DATA / "rollouts.stream", "reward", out)
     expected = json.loads((DATA / "rollouts.expected.json").read_text())
-    got = {m.rollout.group.group_id: m.rewards for _, _, m in read_messages(out)}
+    # Groups scored in the same turn leave together (a ScoredBatch), whatever came in.
+    scored = [g for _, _, m in read_messages(out) for g in (m.groups if isinstance(m, ScoredBatch) else [m])]
+    got = {g.rollout.group.group_id: g.rewards for g in scored}
+    assert len(scored) == 4
     assert got.keys() == expected.keys()
     for gid, rewards in expected.items():
         np.testing.assert_allclose(got[gid], rewards, rtol=1e-6)
 
 
+def _group_ids(msg) -> list[str]:
+    match msg:
+        case ScoredBatch() | TrainBatch():
+            return [gid for g in msg.groups for gid in _group_ids(g)]
+        case ScoredGroup():
+            return [msg.rollout.group.group_id]
+        case TrainGroup():
+            return [msg.scored.rollout.group.group_id]
+    return []
+
+
 def test_batches_pass_reward_and_logprob_whole_and_in_order(tmp_path):
-    """A RolloutBatch comes out of the reward stage as one ScoredBatch, groups in the batch's
-    order, which the logprob stage (no reference model) passes on byte for byte; a lone
-    Rollout beside it stays a single group all the way."""
+    """A RolloutBatch leaves the reward stage whole, in its order, in one ScoredBatch (with the
+    lone Rollout fed beside it when both finish in the same turn); the logprob stage passes
+    each message on byte for byte without a reference model, and answers each with one of
+    the same groups in the same order with one."""
     rollouts = [msg for _, _, msg in read_messages(DATA / "rollouts.stream")]
     stream = tmp_path / "batched.stream"
     recorder, codec = StreamRecorder(stream), Codec("rollout/0")
@@ -49,20 +66,29 @@ def test_batches_pass_reward_and_logprob_whole_and_in_order(tmp_path):
     order = [r.group.group_id for r in rollouts]
     expected = json.loads((DATA / "rollouts.expected.json").read_text())
 
-    assert "scored_batch: 1" in (out := _replay(stream, "reward", scored := tmp_path / "scored.stream"))
-    assert "scored_group: 1" in out
+    assert "input: 2" in _replay(stream, "reward", scored := tmp_path / "scored.stream")
     got = [msg for _, _, msg in read_messages(scored)]
-    batch, = (msg for msg in got if isinstance(msg, ScoredBatch))
-    single, = (msg for msg in got if isinstance(msg, ScoredGroup))
-    assert [g.rollout.group.group_id for g in batch.groups] == order[:3]
-    assert single.rollout.group.group_id == order[3]
-    for g in [*batch.groups, single]:
+    batch, = (msg for msg in got if order[0] in _group_ids(msg))
+    assert isinstance(batch, ScoredBatch)
+    assert [gid for gid in _group_ids(batch) if gid in order[:3]] == order[:3]
+    groups = [g for msg in got for g in (msg.groups if isinstance(msg, ScoredBatch) else [msg])]
+    assert sorted(g.rollout.group.group_id for g in groups) == sorted(order)
+    for g in groups:
         np.testing.assert_allclose(g.rewards, expected[g.rollout.group.group_id], rtol=1e-6)
 
     # No reference model: the logprob stage passes each message on to the learner unread.
-    assert "scored_batch: 1" in (out := _replay(scored, "logprob", train := tmp_path / "train.stream"))
-    assert "scored_group: 1" in out
+    _replay(scored, "logprob", train := tmp_path / "train.stream")
     assert [r.frames for r in read_stream(train)] == [r.frames for r in read_stream(scored)]
+
+    # With a reference model: a TrainBatch per ScoredBatch, same groups, same order.
+    raw = tomllib.loads((ROOT / "ops" / "stack.toml").read_text())
+    raw["logprob"]["reference"] = True
+    _replay(scored, "logprob", ref := tmp_path / "ref.stream", write_stack_toml(raw, tmp_path / "reference.toml"))
+    out = [msg for _, _, msg in read_messages(ref)]
+    assert [type(x).__name__ for x in out] == [type(x).__name__.replace("Scored", "Train") for x in got]
+    assert [_group_ids(x) for x in out] == [_group_ids(x) for x in got]
+    for g in (g for msg in out for g in (msg.groups if isinstance(msg, TrainBatch) else [msg])):
+        assert [len(x) for x in g.ref_logprobs] == [len(x.token_ids) for x in g.scored.rollout.samples]
 
 
 def test_status_and_scale_talk_to_a_running_stack(tmp_path):

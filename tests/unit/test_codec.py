@@ -48,11 +48,19 @@ def scored():
     return st.builds(m.ScoredGroup, rollouts(), arrays(np.float32), st.lists(texts, max_size=3))
 
 
+def train_groups():
+    return st.builds(m.TrainGroup, scored(), st.one_of(st.none(), st.lists(arrays(np.float32), max_size=3)), ints)
+
+
 MESSAGES = st.one_of(
     groups(),
     rollouts(),
     scored(),
-    st.builds(m.TrainGroup, scored(), st.one_of(st.none(), st.lists(arrays(np.float32), max_size=3)), ints),
+    train_groups(),
+    st.builds(m.RolloutBatch, st.lists(rollouts(), max_size=3)),
+    st.builds(m.ScoredBatch, st.lists(scored(), max_size=3)),
+    st.builds(m.TrainBatch, st.lists(st.one_of(train_groups(), st.builds(m.GroupFailed, texts, texts, texts)),
+                                     max_size=3)),
     st.builds(m.GroupFailed, texts, texts, texts),
     st.builds(m.Progress, ints, ints, st.lists(texts, max_size=5),
               st.lists(st.builds(m.DroppedGroup, texts, texts), max_size=3)),
@@ -87,7 +95,7 @@ def test_every_message_type_is_covered():
     covered = {"prompt_group", "rollout", "scored_group", "train_group", "group_failed", "progress",
                "weights_ready", "control", "heartbeat", "metrics", "hello", "welcome", "snapshot_request",
                "credit", "scale_request", "status_request", "status_reply",
-               "weights_offer", "weights_loaded", "canary_report"}
+               "weights_offer", "weights_loaded", "canary_report", "rollout_batch", "scored_batch", "train_batch"}
     assert covered | {"snapshot"} == set(m.TAGS)  # Snapshot is covered by the PUB/SUB tests
 
 
