@@ -18,7 +18,7 @@ import pytest
 import transport
 from pipeline import endpoints as ep
 from pipeline.runtime import SPAWNED_AT_VAR, SUPERVISOR_PID_VAR, write_stack
-from schemas.messages import Rollout, WeightsReady
+from schemas.messages import Rollout, RolloutBatch, WeightsReady
 from schemas.stack import load_stack
 from stages.publisher.senders import ShmSender
 from stages.publisher.shm import ShmWeightReader, TornRead, remove_run_slots, run_slot_id
@@ -80,10 +80,10 @@ async def test_publisher_killed_mid_update_and_writer_killed_mid_write_engine_ke
             await asyncio.sleep(0.01)
 
     async def collect() -> None:
-        async for msg in rollouts_in:
-            if isinstance(msg, Rollout):
-                assert all(s.finish_reason in ("stop", "length") for s in msg.samples)
-                received.append((time.monotonic(), sorted({int(v) for s in msg.samples for v in s.version_spans[:, 1]})))
+        async for msg in rollouts_in:  # the groups one engine step finished come as one RolloutBatch
+            for r in msg.rollouts if isinstance(msg, RolloutBatch) else [msg] if isinstance(msg, Rollout) else []:
+                assert all(s.finish_reason in ("stop", "length") for s in r.samples)
+                received.append((time.monotonic(), sorted({int(v) for s in r.samples for v in s.version_spans[:, 1]})))
 
     async def drain_telemetry() -> None:
         async for _ in telemetry:
