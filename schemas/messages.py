@@ -147,8 +147,8 @@ class RolloutBatch(msgspec.Struct, tag="rollout_batch", array_like=True, gc=Fals
 class ScoredBatch(msgspec.Struct, tag="scored_batch", array_like=True, gc=False):
     """reward → logprob (PUSH/PULL): groups the reward stage finished scoring in the same turn
     of its event loop (all of a ``RolloutBatch``, in its order, when its rewards run inline;
-    a slow one leaves on its own), two or more; passed on unread to the learner like a ``ScoredGroup`` when the logprob stage has
-    nothing to add."""
+    a slow one leaves on its own), two or more. Passed on unread to the learner, like a
+    ``ScoredGroup``, when the logprob stage has nothing to add."""
 
     groups: list[ScoredGroup]
 

@@ -33,14 +33,15 @@ from typing import Any
 import zmq
 
 from schemas.messages import Credit, Envelope, Message
-from transport.codec import DecodeError
 from transport.base import DEFAULT_HWM, DEFAULT_LINGER_MS, DEFAULT_MAX_MESSAGE_BYTES, Receiver
+from transport.codec import DecodeError
 from transport.zmq_sockets import _EVENTS, _POLLIN, PullChannel, RouterChannel, _recv_now, _send_now, _ZmqChannel
 
 SEND_RETRY_S = 0.001
 """Retry interval of a send to a worker whose pipe is full: short (the worker is reading),
 and the case is rare enough that polling costs nothing."""
 CREDIT_TAG = Credit.__struct_config__.tag
+"""Envelope tag of the broker's credit messages (``WorkPuller.recv_frames`` reads only it)."""
 WORKER_CREDIT = 2
 """Items a worker holds at most: one being processed and one ready, so it never idles
 waiting on a round trip, and a kill loses at most two items."""
