@@ -3,9 +3,9 @@
 A rollout's groups that one engine step finishes resume their tasks in the same turn of the
 event loop; each would otherwise be one message, and every message costs each hop (sender,
 broker, receiver) a fixed share of CPU whatever its size. ``TurnCoalescer.submit`` queues the
-item and schedules one flush behind the tasks already woken in this turn; the flush hands all
-queued items to ``send`` (one item alone, or a list of them) and every submitter returns once
-that send is done, so back-pressure still reaches each of them.
+item and schedules one flush behind the tasks already woken in this turn; the flush sends a
+lone item as it is and two or more as ``batch(items)`` (e.g. ``RolloutBatch``), and every
+submitter returns once that send is done, so back-pressure still reaches each of them.
 
 Invariants and failure behaviour:
 - Order is kept: items are sent in the order submitted, batches in the order flushed (the
@@ -18,17 +18,16 @@ Invariants and failure behaviour:
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, Generic, TypeVar
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class TurnCoalescer(Generic[T]):
-    """``send_one(item)`` for a turn's lone item, ``send_many(items)`` for two or more."""
+    """``send(item)`` for a turn's lone item, ``send(batch(items))`` for two or more."""
 
-    def __init__(self, send_one: Callable[[T], Awaitable[None]],
-                 send_many: Callable[[list[T]], Awaitable[None]]) -> None:
-        self._send_one, self._send_many = send_one, send_many
+    def __init__(self, send: Callable[[Any], Awaitable[None]], batch: Callable[[list[T]], Any]) -> None:
+        self._send, self._batch = send, batch
         self._items: list[T] = []
         self._flush: asyncio.Task | None = None
         self.sends = 0
@@ -48,7 +47,4 @@ class TurnCoalescer(Generic[T]):
     async def _send_turn(self) -> None:
         items, self._items, self._flush = self._items, [], None
         self.sends += 1
-        if len(items) == 1:
-            await self._send_one(items[0])
-        else:
-            await self._send_many(items)
+        await self._send(items[0] if len(items) == 1 else self._batch(items))

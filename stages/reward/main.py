@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 
 from pipeline.runtime import StageContext
-from schemas.messages import Rollout, RolloutBatch, ScoredBatch, ScoredGroup
+from schemas.messages import Rollout, RolloutBatch, ScoredBatch
 from stages.reward.scorer import RewardConfig, RewardScorer
 from transport.coalesce import TurnCoalescer
 
@@ -32,10 +32,7 @@ async def run(ctx: StageContext) -> None:
     await scorer.start()
     inbox, out = ctx.work_in("rollouts", credit=GROUPS_IN_FLIGHT), ctx.work_out("scored")
 
-    async def send_batch(groups: list[ScoredGroup]) -> None:
-        await out.send(ScoredBatch(groups))
-
-    scored = TurnCoalescer(out.send, send_batch)
+    scored = TurnCoalescer(out.send, ScoredBatch)
 
     async def score_one(rollout: Rollout) -> None:
         await scored.submit(await scorer.score(rollout))

@@ -85,10 +85,7 @@ async def run(ctx: StageContext) -> None:
     follower = asyncio.get_running_loop().create_task(follow_weights())
     out = ctx.work_out("rollouts")
 
-    async def send_batch(rollouts: list[Rollout]) -> None:
-        await out.send(RolloutBatch(rollouts))
-
-    finished = TurnCoalescer(out.send, send_batch)
+    finished = TurnCoalescer(out.send, RolloutBatch)
     credit = max(2, BATCHES_HELD * (s.rollout.max_batch // max(1, s.source.group_size)))
     inbox = ctx.work_in("prompts", credit=credit)
 

@@ -12,13 +12,7 @@ class Sink:
         self.sent: list = []
         self.fail, self.gate = fail, gate
 
-    async def one(self, item) -> None:
-        await self._send(item)
-
-    async def many(self, items) -> None:
-        await self._send(list(items))
-
-    async def _send(self, what) -> None:
+    async def send(self, what) -> None:
         if self.gate is not None:
             await self.gate.wait()
         if self.fail:
@@ -28,7 +22,7 @@ class Sink:
 
 async def test_one_turn_is_one_send_and_a_lone_item_goes_alone():
     sink = Sink()
-    c = TurnCoalescer(sink.one, sink.many)
+    c = TurnCoalescer(sink.send, list)
     wake = asyncio.get_running_loop().create_future()
 
     async def finish(i: int) -> None:  # tasks woken together, like groups one engine step finishes
@@ -47,7 +41,7 @@ async def test_one_turn_is_one_send_and_a_lone_item_goes_alone():
 async def test_submitters_wait_for_their_send_and_order_holds_across_turns():
     gate = asyncio.Event()
     sink = Sink(gate=gate)
-    c = TurnCoalescer(sink.one, sink.many)
+    c = TurnCoalescer(sink.send, list)
     first = [asyncio.ensure_future(c.submit(i)) for i in range(3)]
     await asyncio.sleep(0.01)  # the first flush is waiting on the gate (back-pressure)
     second = [asyncio.ensure_future(c.submit(i)) for i in range(3, 5)]
@@ -60,7 +54,7 @@ async def test_submitters_wait_for_their_send_and_order_holds_across_turns():
 
 async def test_a_failed_send_fails_every_submitter_of_its_batch_only():
     sink = Sink(fail=True)
-    c = TurnCoalescer(sink.one, sink.many)
+    c = TurnCoalescer(sink.send, list)
     results = await asyncio.gather(*(c.submit(i) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
     sink.fail = False
@@ -71,7 +65,7 @@ async def test_a_failed_send_fails_every_submitter_of_its_batch_only():
 async def test_a_cancelled_submitter_does_not_cancel_the_others_send():
     gate = asyncio.Event()
     sink = Sink(gate=gate)
-    c = TurnCoalescer(sink.one, sink.many)
+    c = TurnCoalescer(sink.send, list)
     a, b = asyncio.ensure_future(c.submit("a")), asyncio.ensure_future(c.submit("b"))
     await asyncio.sleep(0.01)
     a.cancel()
