@@ -45,8 +45,7 @@ def _load(path: Path) -> Stack:
     from stages.learner.config import LearnerConfig  # imports torch: only once the file decoded
 
     try:
-        LearnerConfig.from_section(stack.learner, model=stack.model.name, run_dir=stack.run.dir,
-                                   max_staleness=stack.run.max_staleness, seed=stack.run.seed).validate()
+        LearnerConfig.for_stack(stack, stack.run.dir).validate()
     except ValueError as e:
         console.print(f"[red]error:[/red] {path}: {e}", highlight=False)
         raise typer.Exit(2)

@@ -13,11 +13,12 @@ Invariants and failure behaviour:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import msgspec
 
-from schemas.stack import LearnerSection
+from schemas.stack import LearnerSection, Stack
 from stages.learner.batch import SHARED_ROW_TOKENS
 
 
@@ -98,6 +99,13 @@ class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                    checkpoint_every=section.checkpoint_every, keep_last=section.keep_checkpoints, seed=seed,
                    activation_checkpointing=section.activation_checkpointing,
                    compile_layers=section.compile_layers, async_checkpoint=section.async_checkpoint)
+
+    @classmethod
+    def for_stack(cls, stack: Stack, run_dir: str | Path) -> LearnerConfig:
+        """The config a whole stack file gives its learner, run in ``run_dir``: what the learner
+        stage builds and what ``pipeline check``/``up`` validate before starting it."""
+        return cls.from_section(stack.learner, model=stack.model.name, run_dir=str(run_dir),
+                                max_staleness=stack.run.max_staleness, seed=stack.run.seed)
 
     def validate(self) -> LearnerConfig:
         """Raise ``ValueError`` on the first violated rule; returns self for chaining."""

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from pipeline.runtime import StageContext
 from schemas.messages import DroppedGroup, GroupFailed, Progress, ScoredBatch, ScoredGroup, TrainBatch, TrainGroup
+from stages.learner.config import LearnerConfig
 from stages.learner.feed import StepBatch, broadcast_batch
 from stages.learner.trainer import Learner
 from stages.publisher.outlet import WeightOutlet
@@ -77,9 +78,7 @@ async def run(ctx: StageContext) -> None:
     if device.type == "cuda":
         _use_device_in_worker_threads(device)
     await asyncio.to_thread(_init_dist, ctx, device)
-    learner: Learner = await asyncio.to_thread(
-        Learner, s.learner, model_name=s.model.name, run_dir=ctx.run_dir, max_staleness=s.run.max_staleness,
-        seed=s.run.seed, device=device)
+    learner: Learner = await asyncio.to_thread(Learner, LearnerConfig.for_stack(s, ctx.run_dir), device=device)
     resumed = await asyncio.to_thread(learner.resume)
     ctx.log.info("learner ready", rank=rank, resumed=resumed, step=learner.step, version=learner.version)
 
