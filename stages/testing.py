@@ -396,6 +396,19 @@ def install_fake_vllm(monkeypatch) -> None:
     FakeAsyncLLM.next_fail_rpc = None
 
 
+def load_bench(script: str):
+    """``ops/bench/<script>`` imported as a module (the bench scripts are not a package), for
+    tests of their pure helpers."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "ops" / "bench" / script
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_bench(script: str, *args: str, timeout: float = 300.0) -> str:
     """Output (stdout + stderr) of ``python ops/bench/<script> *args`` run from the repo
     root; fails the calling test with the output's tail when it exits non-zero."""

@@ -17,6 +17,11 @@ into training and waiting for data (its ``train_s`` and ``wait_s`` metrics, the 
 left out): where async's learner hardly waits, async is bound by the learner and gains at
 most sync's step over the learner's training time; where it waits, it is bound by the CPU
 the rest of the stack needs, and the cores-busy bound above is the one that counts.
+The same split per phase: learning (before the 10-step mean reward first reaches 0.8) and
+converged (after), each with its wall time per step; where a phase's two runs both have
+one, the pair's speedup in that phase (sync's ms per step over async's). The learner's step
+shrinks several-fold once most groups have equal rewards (zero advantage, skipped), so the
+two phases are bound by different things.
 samples/s = completions trained between the first and the last step / wall time between
 them (start-up excluded); final reward = mean reward of the last 10% of steps. With
 ``--pairs P`` the two runs are repeated P times, one pair after the other, and the last line
@@ -50,6 +55,8 @@ TARGET_REWARD = 0.8
 """The default stack's promise: mean reward ≥ 0.8 within 10 minutes on 2 CPU cores."""
 
 
+MIN_PHASE_STEPS = 10
+"""A phase of fewer steps gets no figures: a few steps' wall time is mostly noise."""
 CPU_POLL_S = 0.2
 """How often the CPU of the stack's processes is read while it runs."""
 CPU_S, FAULTS = 0, 1
@@ -145,6 +152,33 @@ class StepCpu(threading.Thread):
         return sum(self.usage_by_stage(CPU_S).values()) / (self.last[0] - self.first[0])
 
 
+def target_index(rows: list[dict]) -> int | None:
+    """Index of the first metrics row whose 10-step mean reward reaches ``TARGET_REWARD``
+    (from the 10th row on), None if none does."""
+    rolling = [sum(r["reward_mean"] for r in rows[max(0, i - 9): i + 1]) / min(10, i + 1) for i in range(len(rows))]
+    return next((i for i, v in enumerate(rolling) if v >= TARGET_REWARD and i >= 9), None)
+
+
+def phases(rows: list[dict]) -> dict[str, dict | None]:
+    """``learning``: the steps after the first up to the one reaching the target (all but the
+    first if none does); ``converged``: the steps after that one. Each as ``_phase``."""
+    at = target_index(rows)
+    return {"learning": _phase(rows if at is None else rows[: at + 1]),
+            "converged": _phase([] if at is None else rows[at:])}
+
+
+def _phase(rows: list[dict]) -> dict | None:
+    """Wall ms per step and the learner's mean training and waiting ms over consecutive
+    metrics rows (the first row's step only marks the start); None under ``MIN_PHASE_STEPS``."""
+    if len(rows) < MIN_PHASE_STEPS + 1:
+        return None
+    body = rows[1:]
+    return {"steps": (rows[0]["step"] + 1, rows[-1]["step"]),
+            "ms_per_step": 1e3 * (rows[-1]["time"] - rows[0]["time"]) / len(body),
+            "train_ms": 1e3 * statistics.fmean(r["train_s"] for r in body),
+            "wait_ms": 1e3 * statistics.fmean(r["wait_s"] for r in body)}
+
+
 def run(stack: Path, run_dir: Path, steps: int) -> dict:
     cmd = [sys.executable, "-m", "pipeline.cli", "up", str(stack), "--max-steps", str(steps), "--run-dir", str(run_dir)]
     started = time.time()
@@ -156,8 +190,8 @@ def run(stack: Path, run_dir: Path, steps: int) -> dict:
         raise subprocess.CalledProcessError(proc.returncode, cmd)
     watch.done.set()
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][:steps]
-    rolling = [sum(r["reward_mean"] for r in rows[max(0, i - 9): i + 1]) / min(10, i + 1) for i in range(len(rows))]
-    reached = next((rows[i]["time"] - started for i, v in enumerate(rolling) if v >= TARGET_REWARD and i >= 9), None)
+    at = target_index(rows)
+    reached = None if at is None else rows[at]["time"] - started
     elapsed = rows[-1]["time"] - rows[0]["time"]
     trained = sum(r["samples"] for r in rows[1:])
     tail = rows[-max(1, len(rows) // 10):]
@@ -165,6 +199,7 @@ def run(stack: Path, run_dir: Path, steps: int) -> dict:
     return {"samples_per_s": trained / elapsed, "final_reward": sum(r["reward_mean"] for r in tail) / len(tail),
             "learner_train_ms": 1e3 * statistics.fmean(r["train_s"] for r in steady),
             "learner_wait_ms": 1e3 * statistics.fmean(r["wait_s"] for r in steady),
+            "phases": phases(rows),
             "steps": len(rows), "seconds": elapsed, "time_to_target_s": reached, "cores_busy": watch.cores_busy(),
             "cpu_ms_per_step": {k: 1e3 * v for k, v in watch.per_step(CPU_S).items()},
             "faults_per_step": watch.per_step(FAULTS)}
@@ -200,12 +235,22 @@ def main() -> None:
                 busy = r["learner_train_ms"] / max(r["learner_train_ms"] + r["learner_wait_ms"], 1e-9)
                 print(f"  learner per step: training {r['learner_train_ms']:.1f} ms, waiting for data "
                       f"{r['learner_wait_ms']:.1f} ms (training {100 * busy:.0f} % of the time)", flush=True)
+                if any(r["phases"].values()):
+                    print("  per phase: " + "; ".join(
+                        f"{name} (steps {ph['steps'][0]}-{ph['steps'][1]}) {ph['ms_per_step']:.1f} ms a step, learner "
+                        f"training {ph['train_ms']:.1f} ms and waiting {ph['wait_ms']:.1f} ms"
+                        for name, ph in r["phases"].items() if ph is not None), flush=True)
                 if r["cpu_ms_per_step"]:
                     print("  CPU ms per step by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms_per_step"].items())
                           + f"; total {sum(r['cpu_ms_per_step'].values()):.1f}", flush=True)
                     print("  page faults per step by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in r["faults_per_step"].items())
                           + f"; total {sum(r['faults_per_step'].values()):.0f}", flush=True)
             pairs.append(out)
+            by_phase = {name: out[0]["phases"][name]["ms_per_step"] / out[2]["phases"][name]["ms_per_step"]
+                        for name in ("learning", "converged") if out[0]["phases"][name] and out[2]["phases"][name]}
+            if by_phase:
+                print(f"{f'pair {pair}: ' if args.pairs > 1 else ''}speedup by phase: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in by_phase.items()), flush=True)
     med = statistics.median
     sync, asyn = med(p[0]["samples_per_s"] for p in pairs), med(p[2]["samples_per_s"] for p in pairs)
     ratios = [p[2]["samples_per_s"] / p[0]["samples_per_s"] for p in pairs]

@@ -3,7 +3,7 @@
 import re
 import statistics
 
-from stages.testing import run_bench
+from stages.testing import load_bench, run_bench
 
 
 def test_async_bench_reports_the_median_of_its_pairs():
@@ -23,3 +23,21 @@ def test_async_bench_reports_the_median_of_its_pairs():
     assert abs(float(last[2]) - statistics.median([rate["0", "2"], rate["1", "2"]])) < 0.11
     assert abs(float(pairs[2]) - rate["1", "2"] / rate["1", "0"]) < 0.006  # async over sync, whatever ran first
     assert abs(float(last[3]) - statistics.median([float(pairs[1]), float(pairs[2])])) < 0.011
+
+
+def _rows(rewards, step_s=0.1, train_s=0.06):
+    return [{"step": i + 1, "time": 100.0 + step_s * i, "reward_mean": r, "train_s": train_s, "wait_s": step_s - train_s}
+            for i, r in enumerate(rewards)]
+
+
+def test_phases_split_at_the_step_the_10_step_mean_reaches_the_target():
+    bench = load_bench("async.py")
+    rows = _rows([0.0] * 15 + [1.0] * 40)  # the 10-step mean first reaches 0.8 at row 22 (step 23)
+    assert bench.target_index(rows) == 22
+    got = bench.phases(rows)
+    assert got["learning"]["steps"] == (2, 23) and got["converged"]["steps"] == (24, 55)
+    assert abs(got["learning"]["ms_per_step"] - 100.0) < 1e-6 and abs(got["converged"]["train_ms"] - 60.0) < 1e-6
+    # never reached: all of it is learning; a phase of fewer than MIN_PHASE_STEPS steps has no figures
+    assert bench.phases(_rows([0.0] * 30))["converged"] is None
+    assert bench.phases(_rows([0.0] * 30))["learning"]["steps"] == (2, 30)
+    assert bench.phases(_rows([0.0] * 15 + [1.0] * 12))["converged"] is None

@@ -1,22 +1,18 @@
 """``ops/bench/hops.py``: per-hop latencies add up to each group's whole life, end to end."""
 
-import importlib.util
 import math
 import subprocess
 import sys
 from pathlib import Path
 
 from schemas.messages import RolloutBatch, ScoredBatch, ScoredGroup, TrainBatch, TrainGroup
-from stages.testing import make_rollout
+from stages.testing import load_bench, make_rollout
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_hops():
-    spec = importlib.util.spec_from_file_location("bench_hops", ROOT / "ops/bench/hops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("hops.py")
 
 
 def test_hops_split_a_groups_life_and_skip_groups_not_seen_everywhere():
