@@ -21,7 +21,11 @@ The same split per phase: learning (before the 10-step mean reward first reaches
 converged (after), each with its wall time per step; where a phase's two runs both have
 one, the pair's speedup in that phase (sync's ms per step over async's). The learner's step
 shrinks several-fold once most groups have equal rewards (zero advantage, skipped), so the
-two phases are bound by different things.
+two phases are bound by different things. From the sync run alone, each pair also gets the
+speedup no schedule of the same work could beat on these cores at sync's CPU per step
+(``equal_cpu_bound``): per phase, sync's step over max(the learner's training, the stack's
+CPU per step / cores), then over the whole run; a pair above it had a machine that ran
+faster during its async run.
 samples/s = completions trained between the first and the last step / wall time between
 them (start-up excluded); final reward = mean reward of the last 10% of steps. With
 ``--pairs P`` the two runs are repeated P times, one pair after the other, and the last line
@@ -179,6 +183,28 @@ def _phase(rows: list[dict]) -> dict | None:
             "wait_ms": 1e3 * statistics.fmean(r["wait_s"] for r in body)}
 
 
+def equal_cpu_bound(sync: dict, cores: int) -> dict[str, float] | None:
+    """The best speedup over the sync run ``sync`` (a ``run`` result) that any schedule of
+    the same work could reach on ``cores`` cores spending sync's CPU per step: per phase,
+    sync's ms per step over max(sync's learner training per step, the phase's CPU per step /
+    ``cores``), and over the whole run (``run``: the phases' step-weighted times). A phase's
+    CPU per step is the run's with the learner's training replaced by the phase's (the other
+    stages' CPU per step does not depend on how many groups the learner skips: same samples
+    per step). None without CPU figures or with a phase lacking figures."""
+    total = sum(sync["cpu_ms_per_step"].values())
+    if not total or not all(sync["phases"].values()):
+        return None
+    out, sync_ms, best_ms = {}, 0.0, 0.0
+    for name, ph in sync["phases"].items():
+        cpu = total - sync["learner_train_ms"] + ph["train_ms"]
+        best = max(ph["train_ms"], cpu / cores)
+        out[name] = ph["ms_per_step"] / best
+        n = ph["steps"][1] - ph["steps"][0] + 1
+        sync_ms, best_ms = sync_ms + n * ph["ms_per_step"], best_ms + n * best
+    out["run"] = sync_ms / best_ms
+    return out
+
+
 def run(stack: Path, run_dir: Path, steps: int) -> dict:
     cmd = [sys.executable, "-m", "pipeline.cli", "up", str(stack), "--max-steps", str(steps), "--run-dir", str(run_dir)]
     started = time.time()
@@ -251,6 +277,11 @@ def main() -> None:
             if by_phase:
                 print(f"{f'pair {pair}: ' if args.pairs > 1 else ''}speedup by phase: "
                       + ", ".join(f"{k} {v:.2f}" for k, v in by_phase.items()), flush=True)
+            bound = equal_cpu_bound(out[0], usable_cores())
+            if bound:
+                print(f"{f'pair {pair}: ' if args.pairs > 1 else ''}best speedup at sync's CPU per step: "
+                      f"{bound['run']:.2f} (learning {bound['learning']:.2f}, converged {bound['converged']:.2f}); "
+                      f"this pair {out[2]['samples_per_s'] / out[0]['samples_per_s']:.2f}", flush=True)
     med = statistics.median
     sync, asyn = med(p[0]["samples_per_s"] for p in pairs), med(p[2]["samples_per_s"] for p in pairs)
     ratios = [p[2]["samples_per_s"] / p[0]["samples_per_s"] for p in pairs]

@@ -41,3 +41,19 @@ def test_phases_split_at_the_step_the_10_step_mean_reaches_the_target():
     assert bench.phases(_rows([0.0] * 30))["converged"] is None
     assert bench.phases(_rows([0.0] * 30))["learning"]["steps"] == (2, 30)
     assert bench.phases(_rows([0.0] * 15 + [1.0] * 12))["converged"] is None
+
+
+def test_equal_cpu_bound_takes_the_learner_or_the_cpu_per_core_whichever_binds():
+    bench = load_bench("async.py")
+    # learning: 50 steps of 120 ms, the learner training 80 ms; converged: 100 steps of 70 ms,
+    # training 20 ms. The run's learner mean is 40 ms and its CPU 100 ms a step, so the
+    # other stages take 60 ms a step: learning 140 ms of CPU, converged 80.
+    sync = {"cpu_ms_per_step": {"learner": 45.0, "rollout": 55.0}, "learner_train_ms": 40.0,
+            "phases": {"learning": {"steps": (2, 51), "ms_per_step": 120.0, "train_ms": 80.0, "wait_ms": 40.0},
+                       "converged": {"steps": (52, 151), "ms_per_step": 70.0, "train_ms": 20.0, "wait_ms": 50.0}}}
+    got = bench.equal_cpu_bound(sync, cores=2)
+    assert abs(got["learning"] - 120 / 80) < 1e-9  # the learner binds (80 > 140 / 2)
+    assert abs(got["converged"] - 70 / 40) < 1e-9  # the CPU binds (80 / 2 > 20)
+    assert abs(got["run"] - (50 * 120 + 100 * 70) / (50 * 80 + 100 * 40)) < 1e-9
+    assert bench.equal_cpu_bound(dict(sync, cpu_ms_per_step={}), cores=2) is None
+    assert bench.equal_cpu_bound(dict(sync, phases={"learning": sync["phases"]["learning"], "converged": None}), 2) is None
