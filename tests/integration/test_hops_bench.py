@@ -11,12 +11,8 @@ from stages.testing import load_bench, make_rollout
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_hops():
-    return load_bench("hops.py")
-
-
 def test_hops_split_a_groups_life_and_skip_groups_not_seen_everywhere():
-    hops = load_hops()
+    hops = load_bench("hops.py")
     rollout = make_rollout("g1")
     rollout.gen_seconds = 0.5
     scored = ScoredGroup(rollout, rollout.group.prompt_ids[:4].astype("float32"))
@@ -30,7 +26,7 @@ def test_hops_split_a_groups_life_and_skip_groups_not_seen_everywhere():
 
 
 def test_hops_follow_each_group_through_batches():
-    hops = load_hops()
+    hops = load_bench("hops.py")
     rollouts = [make_rollout("g1"), make_rollout("g2")]
     for r in rollouts:
         r.gen_seconds = 0.5
@@ -55,4 +51,4 @@ def test_hops_bench_runs_the_stack_and_prints_its_line():
     assert last.startswith("bench hops: ")
     figures = dict(kv.split("=") for kv in last.removeprefix("bench hops: ").split())
     assert int(figures["groups"]) > 0
-    assert all(math.isfinite(float(figures[f"{h}_ms"])) for h in load_hops().HOPS)
+    assert all(math.isfinite(float(figures[f"{h}_ms"])) for h in load_bench("hops.py").HOPS)
