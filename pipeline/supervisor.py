@@ -7,11 +7,12 @@ Invariants and failure behaviour:
 - Every child is tracked by pid, started with ``python -m pipeline.stage`` in its own
   process group (session), and dies with the supervisor (PR_SET_PDEATHSIG armed before
   exec, plus the stage runtime's parent watchdog). Nothing is ever killed by name.
-- Stages that can run ahead of the learner (source, rollout, reward, logprob) run at
+- Stages that can run ahead of the learner (rollout, reward, logprob) run at
   niceness ``worker_nice`` (19 by default when the learner trains on the CPU) once started
   (``pipeline.runtime.lower_priority``, which also puts them under ``SCHED_BATCH``: they do
   not preempt one another on waking): the learner, the async stack's critical path, is
   never preempted by work with slack, and no start is starved into a heartbeat timeout.
+  The source keeps niceness 0: little CPU, and all generation waits on its issuing.
   The learner's processes are pinned to ``run.learner_cpus`` (by default one core when a
   one-thread learner trains on the CPU), set in the child before exec.
 - A replica that exits without being asked to (any code), or is silent past the heartbeat
@@ -91,8 +92,12 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 each of a stack's ~7 processes oversubscribes the CPU many times over."""
 
 
-WORKER_STAGES = ("source", "rollout", "reward", "logprob")
-"""Stages that can run ahead of the learner; they yield the CPU to it (``worker_nice``)."""
+WORKER_STAGES = ("rollout", "reward", "logprob")
+"""Stages that can run ahead of the learner; they yield the CPU to it (``worker_nice``). Not
+the source: its CPU is small (~2 ms a default-stack step) and every group waits on it, since
+it issues the next ones only once a ``Progress`` or ``WeightsReady`` frees credit; niced, it
+waited for a core each time, and async's throughput on the 2-core default stack was 4-10 %
+lower (six alternating pairs, 2026-12-03, fourth session)."""
 WORKER_NICE_ON_CPU = 19
 """``run.worker_nice`` when the learner trains on the CPU: Linux gives a nice-0 task ~98 % of
 a core against one nice-19 task, so no work that has slack preempts the learner's step,

@@ -43,11 +43,11 @@ class RunSection(msgspec.Struct, **_CFG):
     most of it is the drain, in which the learner writes its final checkpoint (model and
     AdamW state: ~7 GB for a 0.6B model in fp32). ``pipeline up --shutdown-timeout`` overrides."""
     worker_nice: int | None = None
-    """Scheduling niceness (0-19) of the stages that can run ahead of the learner: source,
-    rollout, reward and logprob. With ``max_staleness > 0`` the learner is the stack's
-    critical path, and those stages have slack (they wait at the staleness gate); where they
-    share CPU cores with it, they should yield the CPU to it. None: 19 when the learner
-    trains on the CPU, else 0 (off)."""
+    """Scheduling niceness (0-19) of the stages that can run ahead of the learner: rollout,
+    reward and logprob (not the source, whose issuing all generation waits on). With
+    ``max_staleness > 0`` the learner is the stack's critical path, and those stages have
+    slack (they wait at the staleness gate); where they share CPU cores with it, they should
+    yield the CPU to it. None: 19 when the learner trains on the CPU, else 0 (off)."""
     learner_cpus: list[int] | None = None
     """CPU ids the learner's processes are pinned to (scheduler affinity, inherited by all
     their threads); [] never pins. None: pinned to the first core the stack may use when

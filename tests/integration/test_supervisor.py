@@ -63,10 +63,12 @@ async def test_killed_replica_is_restarted_and_the_stack_goes_on(tmp_path, monke
         run = tmp_path / "run"
         await wait_until(lambda: len(received(run)) > 20, 60, "first items")
         # The learner trains on the CPU: stages that can run ahead of it yield the CPU once
-        # started (each has taken work by now).
+        # started (each has taken work by now). The source does not: all generation waits on
+        # its issuing.
         pids = sup.pids()
-        assert niceness(pids["learner/0"])[0] == 0 and niceness(pids["publisher/0"])[0] == 0
-        for name in ("source/0", "rollout/0", "rollout/1", "reward/0", "logprob/0"):
+        assert all(niceness(pids[name])[0] == 0 for name in ("learner/0", "publisher/0", "source/0"))
+        assert os.sched_getscheduler(pids["source/0"]) == os.SCHED_OTHER
+        for name in ("rollout/0", "rollout/1", "reward/0", "logprob/0"):
             assert niceness(pids[name])[0] == 19 and niceness(pids[name])[1] in ("", "19"), name
             # and none of their threads preempts another on waking (the learner's still do)
             assert {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pids[name]}/task")} == {os.SCHED_BATCH}, name

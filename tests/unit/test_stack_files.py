@@ -46,8 +46,8 @@ def test_worker_nice_yields_the_cpu_to_a_cpu_learner_only(tmp_path):
     cpu = load_stack(DEFAULT)
     assert cpu.learner.device == "cpu" and cpu.run.worker_nice is None
     assert {k: worker_nice(cpu, k) for k in ("source", "rollout", "reward", "logprob", "learner", "publisher")} == {
-        "source": WORKER_NICE_ON_CPU, "rollout": WORKER_NICE_ON_CPU, "reward": WORKER_NICE_ON_CPU,
-        "logprob": WORKER_NICE_ON_CPU, "learner": 0, "publisher": 0}
+        "source": 0, "rollout": WORKER_NICE_ON_CPU, "reward": WORKER_NICE_ON_CPU,
+        "logprob": WORKER_NICE_ON_CPU, "learner": 0, "publisher": 0}  # the source gates all generation
     gpu = load_stack(ROOT / "ops" / "gpu.toml")
     assert worker_nice(gpu, "rollout") == 0  # vLLM's scheduler shares no cores with a busy learner there
     raw = tomllib.loads(DEFAULT.read_text())
