@@ -245,6 +245,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
         for pair in range(args.pairs):
             out = {}
+            tag = f"pair {pair}: " if args.pairs > 1 else ""
             # Odd pairs run async first: a machine that drifts one way over a pair then
             # favours neither mode across pairs.
             for staleness in ((0, 2) if pair % 2 == 0 else (2, 0)):
@@ -252,7 +253,7 @@ def main() -> None:
                 stack = write_stack_toml(base, Path(tmp) / f"stack-p{pair}-s{staleness}.toml", max_staleness=staleness)
                 r = out[staleness] = run(stack, run_dir, steps)
                 ttt = f"{r['time_to_target_s']:.0f}s" if r["time_to_target_s"] is not None else "not reached"
-                print(f"{f'pair {pair}: ' if args.pairs > 1 else ''}max_staleness={staleness}: {r['steps']} steps in "
+                print(f"{tag}max_staleness={staleness}: {r['steps']} steps in "
                       f"{r['seconds']:.1f}s, {r['samples_per_s']:.1f} samples/s, final reward {r['final_reward']:.3f}, "
                       f"reward (10-step mean) >= {TARGET_REWARD} after {ttt} from launch; "
                       f"cores busy between the first and last step: "
@@ -275,11 +276,11 @@ def main() -> None:
             by_phase = {name: out[0]["phases"][name]["ms_per_step"] / out[2]["phases"][name]["ms_per_step"]
                         for name in ("learning", "converged") if out[0]["phases"][name] and out[2]["phases"][name]}
             if by_phase:
-                print(f"{f'pair {pair}: ' if args.pairs > 1 else ''}speedup by phase: "
+                print(f"{tag}speedup by phase: "
                       + ", ".join(f"{k} {v:.2f}" for k, v in by_phase.items()), flush=True)
             bound = equal_cpu_bound(out[0], usable_cores())
             if bound:
-                print(f"{f'pair {pair}: ' if args.pairs > 1 else ''}best speedup at sync's CPU per step: "
+                print(f"{tag}best speedup at sync's CPU per step: "
                       f"{bound['run']:.2f} (learning {bound['learning']:.2f}, converged {bound['converged']:.2f}); "
                       f"this pair {out[2]['samples_per_s'] / out[0]['samples_per_s']:.2f}", flush=True)
     med = statistics.median

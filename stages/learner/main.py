@@ -6,11 +6,11 @@ or ``ScoredBatch`` that a logprob stage without a reference model passed on coun
 ``groups_per_step`` trainable groups (``Learner.admit`` drops duplicates, stale and failed
 ones with a reason; groups of a batch beyond the step wait, unadmitted, for the next one,
 whose version then judges their staleness), broadcasts the batch to all ranks
-(``feed.broadcast_batch``), and after the step: publishes ``Progress`` (consumed and dropped ids), sends step ``Metrics``
-to the supervisor, and stages the new weights (``stages.publisher.outlet``: full
-parameters and the canary forward on every rank, then rank 0's sender for
-``rollout.weight_transport`` → ``WeightsOffer`` to the publisher) while rank 0 already
-collects the next batch. Every rank waits for that publish before the next collective (the
+(``feed.broadcast_batch``), and after the step: publishes ``Progress`` (consumed and
+dropped ids), sends step ``Metrics`` to the supervisor, and stages the new weights
+(``stages.publisher.outlet``: full parameters and the canary forward on every rank, then
+rank 0's sender for ``rollout.weight_transport`` → ``WeightsOffer`` to the publisher) while
+rank 0 already collects the next batch. Every rank waits for that publish before the next collective (the
 batch broadcast or a checkpoint), so collectives keep one order on all ranks and the
 publish has read the parameters before the next step changes them. Blocking torch work
 runs in a thread so heartbeats keep flowing. With ``learner.async_checkpoint`` a periodic

@@ -40,7 +40,6 @@ import torch
 import torch.distributed as dist
 
 from schemas.messages import DroppedGroup, GroupFailed, Progress, TrainGroup
-from schemas.stack import LearnerSection
 from stages.learner import checkpoint as ckpt
 from stages.learner.batch import group_problem, rank_micro_batches
 from stages.learner.config import LearnerConfig
@@ -100,19 +99,13 @@ class Learner:
     """One rank of the learner. Requires an initialised ``torch.distributed`` group (gloo on
     CPU, NCCL on CUDA); build it on every rank with the same config."""
 
-    def __init__(self, cfg: LearnerConfig | LearnerSection, *, model_name: str | None = None,
-                 run_dir: str | Path | None = None, max_staleness: int | None = None, seed: int | None = None,
-                 device: str | torch.device | None = None) -> None:
-        if isinstance(cfg, LearnerSection):
-            cfg = LearnerConfig.from_section(cfg, model=model_name or "tiny", run_dir=str(run_dir or "."),
-                                             max_staleness=2 if max_staleness is None else max_staleness,
-                                             seed=seed or 0, device=None if device is None else str(device))
-        else:
-            overrides = {k: v for k, v in dict(model=model_name, run_dir=None if run_dir is None else str(run_dir),
-                                                max_staleness=max_staleness, seed=seed,
-                                                device=None if device is None else str(device)).items()
-                         if v is not None}
-            cfg = msgspec.structs.replace(cfg, **overrides)
+    def __init__(self, cfg: LearnerConfig, *, run_dir: str | Path | None = None, max_staleness: int | None = None,
+                 seed: int | None = None, device: str | torch.device | None = None) -> None:
+        overrides = {k: v for k, v in dict(run_dir=None if run_dir is None else str(run_dir),
+                                            max_staleness=max_staleness, seed=seed,
+                                            device=None if device is None else str(device)).items()
+                     if v is not None}
+        cfg = msgspec.structs.replace(cfg, **overrides)
         self.cfg = cfg.validate()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(cfg.device)
