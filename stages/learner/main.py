@@ -5,14 +5,14 @@ or ``ScoredBatch`` that a logprob stage without a reference model passed on coun
 ``TrainGroup``s without reference logprobs) from the ``train`` stream until it has
 ``groups_per_step`` trainable groups (``Learner.admit`` drops duplicates, stale and failed
 ones with a reason; groups of a batch beyond the step wait, unadmitted, for the next one,
-whose version then judges their staleness), broadcasts the batch to all ranks
-(``feed.broadcast_batch``), and after the step: publishes ``Progress`` (consumed and
-dropped ids), sends step ``Metrics`` to the supervisor, and stages the new weights
-(``stages.publisher.outlet``: full parameters and the canary forward on every rank, then
-rank 0's sender for ``rollout.weight_transport`` → ``WeightsOffer`` to the publisher) while
-rank 0 already collects the next batch. Every rank waits for that publish before the next collective (the
-batch broadcast or a checkpoint), so collectives keep one order on all ranks and the
-publish has read the parameters before the next step changes them. Blocking torch work
+whose version then judges their staleness). Every rank then runs, in one worker thread,
+the batch broadcast (``feed.broadcast_batch``), the step, and for a step to be published
+the publish's read of the new parameters (``stages.publisher.outlet``: full parameters and
+the canary forward, collective, after the last version's staging). Collectives thus keep
+one order on all ranks, and the read is done before the next step changes the parameters.
+After the step rank 0 starts the sender's staging and offer for ``rollout.weight_transport``
+(→ ``WeightsOffer`` to the publisher, beside the next step), publishes ``Progress``
+(consumed and dropped ids) and sends step ``Metrics`` to the supervisor. Blocking torch work
 runs in a thread so heartbeats keep flowing. With ``learner.async_checkpoint`` a periodic
 checkpoint is written in the background; the first step that ends after its write marks
 it complete, and only then does its step reach the source as ``checkpoint_step``. A save
@@ -42,8 +42,14 @@ from pipeline.runtime import StageContext
 from schemas.messages import DroppedGroup, GroupFailed, Progress, ScoredBatch, ScoredGroup, TrainBatch, TrainGroup
 from stages.learner.config import LearnerConfig
 from stages.learner.feed import StepBatch, broadcast_batch
-from stages.learner.trainer import Learner
-from stages.publisher.outlet import WeightOutlet
+from stages.learner.trainer import Learner, StepResult
+from stages.publisher.outlet import WeightOutlet, WeightsRead
+
+THREAD_HOP_MS = 1.0
+"""What one hand-off from the event loop to a worker thread and back cost the CPU learner
+between two steps on the 2-core default stack (async, 2026-12-03: the batch broadcast, a
+no-op with one rank, took 1.3 ms a step as its own hop; the publish's read as its own hop
+3.2 ms, median). Hence one thread per step for all three (``train`` in ``run``)."""
 
 
 def _init_dist(ctx: StageContext, device: torch.device) -> None:
@@ -140,49 +146,35 @@ async def run(ctx: StageContext) -> None:
                 await progress.send(report(learner.step, learner.version, dropped=d))
         return StepBatch(keep)
 
+    def train(batch: StepBatch | None) -> tuple[StepBatch, float, float, StepResult | None, WeightsRead | None]:
+        """Every rank, in one worker thread: the batch broadcast, the step and, when the step
+        is to be published, the publish's read of the new parameters (``outlet.read``, which
+        first waits for the last version's staging). Returns (the batch, when training began
+        and ended, the step's result, the read); no result for a stop. One hand-off to a
+        thread per step, where there were three (broadcast, step, read): each cost ~1 ms
+        between two steps on the learner's busy core (``THREAD_HOP_MS``)."""
+        batch = broadcast_batch(batch)
+        t_train = time.perf_counter()
+        if batch.stop:
+            return batch, t_train, t_train, None, None
+        ctx.in_flight = len(batch.groups)
+        result = learner.train_step(batch.groups)
+        t_trained = time.perf_counter()
+        publish = result.step % s.publisher.every_steps == 0 and not result.skipped
+        return batch, t_train, t_trained, result, outlet.read(learner) if publish else None
+
     try:
-        publishing: asyncio.Future | None = None
-        """The last step's weight publish, running while rank 0 waits for the next batch."""
         publish_s = 0.0
-
-        async def publish_timed() -> float:
-            t0 = time.perf_counter()
-            await stage_weights()
-            return time.perf_counter() - t0
-
-        async def settle_publish() -> None:
-            """Every rank, before the next collective (batch broadcast, checkpoint): the
-            publish's own collectives then come in the same order everywhere, and it read
-            the parameters before the next step changes them. Rank 0's staging and offer
-            of that version may still run (``outlet.shipping``) beside the next step."""
-            nonlocal publishing, publish_s
-            if publishing is not None:
-                publish_s = await publishing
-                publishing = None
-
+        """The last publish's read of the model, in seconds: its part between two steps."""
         while True:
             t_wait = time.perf_counter()
-            if rank == 0:
-                # Waiting for data overlaps the previous step's publish (async: the learner is
-                # the bottleneck stage, and the wait was ~20 % of its step; sync: nothing comes
-                # before those weights are live anyway).
-                collecting = asyncio.ensure_future(collect())
-                try:
-                    await settle_publish()
-                    batch = await collecting
-                except BaseException:
-                    collecting.cancel()
-                    raise
-            else:
-                await settle_publish()
-                batch = None
-            batch = await asyncio.to_thread(broadcast_batch, batch)
-            t_train = time.perf_counter()
-            if batch.stop:
+            batch = await collect() if rank == 0 else None
+            batch, t_train, t_trained, result, read = await asyncio.to_thread(train, batch)
+            if result is None:
                 break
-            ctx.in_flight = len(batch.groups)
-            result = await asyncio.to_thread(learner.train_step, batch.groups)
-            t_trained = time.perf_counter()
+            if read is not None:
+                publish_s = read.t_read - read.t0
+                await outlet.ship(read)  # rank 0: staging and offer beside the next step
             ctx.weight_version = learner.version
             ctx.processed += len(batch.groups)
             ctx.in_flight = 0
@@ -196,21 +188,18 @@ async def run(ctx: StageContext) -> None:
                                dropped_failed=float(learner.dropped_counts["failed"]),
                                dropped_invalid=float(learner.dropped_counts["invalid"]),
                                # where the step's wall time went: waiting for data (the pipeline
-                               # starving the learner; it overlaps the previous publish),
-                               # training, and the previous step's weight publish (its read of
-                               # the model; rank 0's staging and offer run beside the step)
+                               # starving the learner), training, and the weight publish's read
+                               # of the model after the step (rank 0's staging and offer run
+                               # beside the next one)
                                wait_s=t_train - t_wait, train_s=t_trained - t_train, publish_s=publish_s)
                 last_step_at = t_trained
                 await progress.send(report(result.step, result.version, result.consumed_ids))
                 await ctx.metrics(result.step, metrics)
                 ctx.log.info("step", step=result.step, version=result.version, skipped=result.skipped,
                              reward_mean=round(metrics["reward_mean"], 4), loss=round(metrics["loss"], 5))
-            if result.step % s.publisher.every_steps == 0 and not result.skipped:
-                publishing = asyncio.ensure_future(publish_timed())
             if s.learner.checkpoint_every and result.step % s.learner.checkpoint_every == 0:
                 checkpoint_due = True
             if checkpoint_due:
-                await settle_publish()
                 # Collective. A background write still running (every rank agrees on it)
                 # defers the save to the first step after it, instead of holding the loop.
                 if await asyncio.to_thread(learner.checkpoint_busy):
@@ -229,7 +218,7 @@ async def run(ctx: StageContext) -> None:
                     if written and rank == 0:
                         # the source may now forget groups this checkpoint covers
                         await progress.send(report(learner.step, learner.version))
-        # The checkpoint first (the loop left after settle_publish): the last offer may wait
+        # The checkpoint first: the last offer may wait
         # on engines that are draining too (a cuda_ipc sender waits for the previous
         # version's buffers to be released), and a stop that ends the learner then must not
         # have cost it its final checkpoint (GPU stack, 2026-12-02: killed after 14 s in

@@ -1,14 +1,15 @@
 """Learner side of publishing: after a step, full weights → sender → ``WeightsOffer``.
 
-``WeightOutlet.publish`` runs on every learner rank (gathering the full parameters and the
-canary forward are collective); rank 0 stages the bytes with the sender the stack names
-(``senders.make_sender``), attaches the canary (ids and the learner's logprobs; first offer
-and every ``CANARY_EVERY_VERSIONS``-th version) and sends
-the offer to the publisher's ``publish`` socket, then lets the sender deliver (``nccl``:
-the broadcast starts in the background while training goes on). ``publish`` returns once
-the model has been read (gather, canary), so the next step may start; rank 0's staging and
-offer run on beside it (``shipping``: the gathered tensors never share storage with the
-model), and the next ``publish`` waits for them before it reads again.
+``WeightOutlet.read`` runs on every learner rank (gathering the full parameters and the
+canary forward are collective), in the learner's step thread right after the step; rank 0's
+``ship`` then stages the bytes with the sender the stack names (``senders.make_sender``),
+attaches the canary (ids and the learner's logprobs; first offer and every
+``CANARY_EVERY_VERSIONS``-th version) and sends the offer to the publisher's ``publish``
+socket, then lets the sender deliver (``nccl``: the broadcast starts in the background while
+training goes on). The staging and offer run beside the next step (``shipping``: the
+gathered tensors never share storage with the model). The next ``read`` waits until the
+sender has staged the last version (so one gathered copy exists at a time), and the next
+``ship`` until its offer is out. ``publish`` (the first offer of an incarnation) does both.
 
 Where the full state is gathered is the sender's choice (``senders.staging_device``, the
 same on every rank): on the host for ``shm``; on the learner's GPU for ``cuda_ipc`` and
@@ -29,7 +30,7 @@ within an epoch and let a newer epoch win (a learner resumed from an older check
 re-offers lower versions; see ``stages.rollout.weights``).
 
 Failure behaviour: a sender error (no CUDA, a full ``/dev/shm``) propagates from the next
-``publish`` (or ``shipped``): the learner stage fails and the supervisor restarts the
+``ship``, ``publish`` or ``shipped``: the learner stage fails and the supervisor restarts the
 learner group. A failed nccl transfer does not
 raise: it is logged at the next publish (``last_error``) and the engines stay on their
 version.
@@ -42,7 +43,9 @@ import contextlib
 import faulthandler
 import os
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +78,25 @@ first offer of each learner incarnation and on every 10th version: it checks tha
 compute what the learner does (weight names, dtype, kernels), which does not change between
 versions of one run, while the per-tensor digests check every version's bytes. On every
 version it cost ~9 % of the default CPU stack's rollout CPU and a forward per learner step."""
+
+
+@dataclass(frozen=True)
+class WeightsRead:
+    """One version as ``WeightOutlet.read`` took it from the model, for ``ship``."""
+
+    params: dict[str, torch.Tensor]
+    """Full parameters in the engine dtype, on the staging device; own storage."""
+    canary: Any
+    """The learner's canary logprobs, or None for a version that carries none."""
+    version: int
+    t0: float
+    """When the read started (monotonic)."""
+    t_read: float
+    """When it finished (monotonic)."""
+    slow_s: float
+    """Past this long since ``t0`` the publish is reported as stuck (``watchdog``) or slow."""
+    watchdog: threading.Timer
+    """Reports the publish stuck; cancelled when it ends (``_ship``, or ``ship`` off rank 0)."""
 
 
 def next_learner_epoch(run_dir: str | Path) -> int:
@@ -117,6 +139,10 @@ class WeightOutlet:
         """What the running publish is doing (gather, canary, stage, send), for the watchdog."""
         self.shipping: asyncio.Future | None = None
         """Rank 0: the last publish's staging and offer, running while the learner trains."""
+        self._staged = threading.Event()
+        """Set while no read copy awaits staging: ``read`` waits for it, so at most one
+        gathered copy of the model exists beside the sender's buffers."""
+        self._staged.set()
         if rank == 0:
             self.offers = transport.push(ctx.endpoints["publish"], bind=False, sender=ctx.name, name="publish")
             ctx._channels.append(self.offers)
@@ -140,22 +166,53 @@ class WeightOutlet:
         """Collective: every rank calls it after the step whose weights are to be published.
         Returns once nothing reads the model any more (the gather, the canary): the next
         step may change the parameters. Rank 0's staging and offer go on in ``shipping``
-        while it trains; the next ``publish`` (or ``shipped``) waits for them first."""
+        while it trains; the next ``publish`` (or ``shipped``) waits for them first. The
+        learner's step loop calls ``read`` in its training thread and ``ship`` instead."""
         await self.shipped()
+        await self.ship(await asyncio.to_thread(self.read, learner))
+
+    def read(self, learner: Any) -> WeightsRead:
+        """Collective, blocking (call it from a worker thread, on every rank in the same
+        order as the other collectives): once the last publish's staging is done with its
+        copy (rank 0), the full parameters and, on the first offer and every
+        ``CANARY_EVERY_VERSIONS``-th, the canary. Hand the result to ``ship``."""
+        self._staged.wait()
         slow_s = SLOW_PUBLISH_S if self._canaried else FIRST_PUBLISH_SLOW_S
         t0 = time.monotonic()
-        watchdog = asyncio.get_running_loop().call_later(slow_s, self._report_stuck, learner.version, t0)
-        shipping = False  # once rank 0's _ship owns the watchdog, it stops it
+        watchdog = threading.Timer(slow_s, self._report_stuck, (learner.version, t0))
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            params, canary = await self._read(learner)
-            if self.rank == 0:
-                self.shipping = asyncio.ensure_future(
-                    self._ship(params, canary, learner.version, (t0, time.monotonic()), slow_s, watchdog))
-                shipping = True
-        finally:
-            if not shipping:
-                watchdog.cancel()
-                self.phase = "idle"
+            self.phase = "gather"
+            params = learner.full_parameters(self.engine_dtype, self.device)  # own storage, never the model's
+            canary = None  # the same decision on every rank: the forward is collective under FSDP
+            if not self._canaried or learner.version % CANARY_EVERY_VERSIONS == 0:
+                self.phase = "canary"
+                canary = teacher_forced_logprobs(learner.model, self.canary, learner.device)
+                self._canaried = True
+        except BaseException:
+            watchdog.cancel()
+            self.phase = "idle"
+            raise
+        if self.rank == 0:
+            self._staged.clear()  # ``ship`` hands the copy to the sender; the next read waits for it
+        return WeightsRead(params, canary, learner.version, t0, time.monotonic(), slow_s, watchdog)
+
+    async def ship(self, read: WeightsRead) -> None:
+        """After ``read``: rank 0 starts staging and offering that version (``shipping``,
+        beside the next step) once the previous offer is out (raising what its staging
+        raised); other ranks have nothing to send."""
+        if self.rank != 0:
+            read.watchdog.cancel()
+            self.phase = "idle"
+            return
+        try:
+            await self.shipped()
+        except BaseException:
+            read.watchdog.cancel()
+            self._staged.set()
+            raise
+        self.shipping = asyncio.ensure_future(self._ship(read))
 
     async def shipped(self) -> None:
         """Until the last publish's offer is sent (rank 0); raises what its staging raised."""
@@ -177,27 +234,16 @@ class WeightOutlet:
         """(version, seconds since) of the newest own-epoch ``WeightsReady``, for the logs."""
         return None if self.ready_seen is None else (self.ready_seen[0], round(now - self.ready_seen[1], 3))
 
-    async def _read(self, learner: Any) -> tuple[dict[str, torch.Tensor], Any]:
-        """Every rank: the full parameters (own storage: ``full_parameters`` never returns
-        the model's) and, on the first offer and every ``CANARY_EVERY_VERSIONS``-th, the canary."""
-        self.phase = "gather"
-        params = await asyncio.to_thread(learner.full_parameters, self.engine_dtype, self.device)
-        canary = None  # the same decision on every rank: the forward is collective under FSDP
-        if not self._canaried or learner.version % CANARY_EVERY_VERSIONS == 0:
-            self.phase = "canary"
-            canary = await asyncio.to_thread(teacher_forced_logprobs, learner.model, self.canary, learner.device)
-            self._canaried = True
-        return params, canary
-
-    async def _ship(self, params: dict[str, torch.Tensor], canary: Any, version: int, times: tuple[float, float],
-                    slow_s: float, watchdog: asyncio.TimerHandle) -> None:
-        """Rank 0: stage ``params`` with the sender and send the offer; ``times``: when the
-        publish started and when it finished reading the model (monotonic)."""
-        t0, t_read = times
+    async def _ship(self, read: WeightsRead) -> None:
+        """Rank 0: stage the read parameters with the sender and send the offer."""
+        version, canary, t0, t_read, slow_s, watchdog = (
+            read.version, read.canary, read.t0, read.t_read, read.slow_s, read.watchdog)
         try:
             self.phase = "stage"
+            params, read = read.params, None
             offer = await asyncio.to_thread(self.sender.stage, params, version)  # waits for the last transfer
             del params  # in the sender's buffers now; on the GPU it would hold a second copy of the model
+            self._staged.set()
             t_staged = time.monotonic()
             waited = getattr(self.sender, "last_wait_s", 0.0)
             if not getattr(self.sender, "last_settled", True):
@@ -217,6 +263,7 @@ class WeightOutlet:
             await self.offers.send(offer)
             self.sender.deliver()
         finally:
+            self._staged.set()
             watchdog.cancel()
             self.phase = "idle"
 

@@ -152,7 +152,8 @@ def test_a_publish_that_hangs_reports_its_phase_and_every_threads_stack(monkeypa
     from stages.publisher.senders import CudaIpcSender
 
     out.rank, out.sender, out.ready_seen, out._canaried, out.phase = 1, CudaIpcSender(), None, True, "idle"
-    out.shipping = None
+    out.shipping, out._staged = None, threading.Event()
+    out._staged.set()
     out.engine_dtype, out.device = None, None
 
     async def scenario() -> list:
@@ -211,7 +212,8 @@ def test_publish_returns_once_the_model_is_read_and_staging_runs_beside_the_next
     out.ctx = type("Ctx", (), {"log": None})()
     out.rank, out.sender, out.offers, out.ready_seen, out._canaried = 0, Sender(), Offers(), None, True
     out.phase, out.shipping, out._reported, out.epoch, out.canary = "idle", None, "", 1, None
-    out.engine_dtype, out.device = None, None
+    out.engine_dtype, out.device, out._staged = None, None, threading.Event()
+    out._staged.set()
     learner = Learner()
 
     async def scenario() -> None:
@@ -229,3 +231,71 @@ def test_publish_returns_once_the_model_is_read_and_staging_runs_beside_the_next
     asyncio.run(scenario())
     assert events == ["gather 1", "stage 1 start", "stage 1 end", "offer 1",
                       "gather 2", "stage 2 start", "stage 2 end", "offer 2"]
+
+
+def test_a_read_in_the_training_thread_waits_for_the_last_staging_not_for_its_offer():
+    """The learner's step thread reads the next version (``read``) while the last one's
+    offer may still be going out; it only waits until the sender has staged that version
+    (one gathered copy of the model at a time), and ``ship`` keeps offers in order."""
+    import asyncio
+    import threading
+
+    from schemas.messages import WeightManifest, WeightsOffer
+    from stages.publisher import outlet as outlet_mod
+
+    staging, offering = threading.Event(), asyncio.Event()
+    events: list[str] = []
+
+    class Sender:
+        transport = "shm"
+
+        def stage(self, params, version):
+            events.append(f"stage {version}")
+            if version == 1:
+                staging.wait(5.0)
+            return WeightsOffer(WeightManifest(version, [], [], 0), "shm", "", 1.0)
+
+        def deliver(self):
+            pass
+
+    class Offers:
+        async def send(self, offer):
+            if offer.manifest.version == 1:
+                await offering.wait()
+            events.append(f"offer {offer.manifest.version}")
+
+    class Learner:
+        version = 1
+
+        def full_parameters(self, dtype, device):
+            events.append(f"gather {self.version}")
+            return {}
+
+    out = outlet_mod.WeightOutlet.__new__(outlet_mod.WeightOutlet)
+    out.ctx = type("Ctx", (), {"log": None})()
+    out.rank, out.sender, out.offers, out.ready_seen, out._canaried = 0, Sender(), Offers(), None, True
+    out.phase, out.shipping, out._reported, out.epoch, out.canary = "idle", None, "", 1, None
+    out.engine_dtype, out.device, out._staged = None, None, threading.Event()
+    out._staged.set()
+    learner = Learner()
+
+    async def scenario() -> None:
+        first = await asyncio.to_thread(out.read, learner)
+        await out.ship(first)
+        learner.version = 2  # the next step trained
+        second = asyncio.ensure_future(asyncio.to_thread(out.read, learner))
+        await asyncio.sleep(0.1)
+        assert not second.done() and events == ["gather 1", "stage 1"]  # version 1 not staged yet
+        staging.set()
+        second = await asyncio.wait_for(second, 2.0)  # its offer is still held up: no matter
+        assert events == ["gather 1", "stage 1", "gather 2"]
+        shipping = asyncio.ensure_future(out.ship(second))
+        await asyncio.sleep(0.1)
+        assert not shipping.done()  # offers go out in order: version 2 waits for version 1's
+        offering.set()
+        await shipping
+        await out.shipped()
+        assert second.watchdog.finished.is_set() and first.watchdog.finished.is_set()
+
+    asyncio.run(scenario())
+    assert events == ["gather 1", "stage 1", "gather 2", "offer 1", "stage 2", "offer 2"]
