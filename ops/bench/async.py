@@ -61,8 +61,11 @@ TARGET_REWARD = 0.8
 
 MIN_PHASE_STEPS = 10
 """A phase of fewer steps gets no figures: a few steps' wall time is mostly noise."""
-CPU_POLL_S = 0.2
-"""How often the CPU of the stack's processes is read while it runs."""
+CPU_POLL_S = 1.0
+"""How often the CPU of the stack's processes is read while it runs. A read scans all of
+``/proc`` (~2.3 ms of CPU with ~70 processes, at nice 0 beside the stack): every 0.2 s it
+took ~1 % of a core from the stack it measured, which costs async (both cores busy) more
+than sync; once a second the window still spans all but the run's first and last second."""
 CPU_S, FAULTS = 0, 1
 """Indices into a stage kind's (CPU seconds, minor page faults) usage pair."""
 
