@@ -122,6 +122,22 @@ def test_next_learner_epoch_grows_with_every_start(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def bare_outlet(rank: int, sender, offers=None, log=None):
+    """A ``WeightOutlet`` in the state ``__init__`` leaves it in after its first offer, on
+    stand-ins for the sender, the offer socket and the log (no stage context)."""
+    import threading
+
+    from stages.publisher import outlet as outlet_mod
+
+    out = outlet_mod.WeightOutlet.__new__(outlet_mod.WeightOutlet)
+    out.ctx = type("Ctx", (), {"log": log})()
+    out.rank, out.sender, out.offers, out.ready_seen, out._canaried = rank, sender, offers, None, True
+    out.phase, out.shipping, out._reported, out.epoch, out.canary = "idle", None, "", 1, None
+    out.engine_dtype, out.device, out._staged = None, None, threading.Event()
+    out._staged.set()
+    return out
+
+
 def test_a_publish_that_hangs_reports_its_phase_and_every_threads_stack(monkeypatch, capfd):
     """The watchdog fires while the publish is still stuck (not after it returns): a GPU
     stack once stalled inside a publish with nothing in any log."""
@@ -147,14 +163,9 @@ def test_a_publish_that_hangs_reports_its_phase_and_every_threads_stack(monkeypa
             return {}
 
     monkeypatch.setattr(outlet_mod, "SLOW_PUBLISH_S", 0.05)  # _canaried: not the first publish
-    out = outlet_mod.WeightOutlet.__new__(outlet_mod.WeightOutlet)
-    out.ctx = type("Ctx", (), {"log": Log()})()
     from stages.publisher.senders import CudaIpcSender
 
-    out.rank, out.sender, out.ready_seen, out._canaried, out.phase = 1, CudaIpcSender(), None, True, "idle"
-    out.shipping, out._staged = None, threading.Event()
-    out._staged.set()
-    out.engine_dtype, out.device = None, None
+    out = bare_outlet(rank=1, sender=CudaIpcSender(), log=Log())
 
     async def scenario() -> list:
         task = asyncio.ensure_future(out.publish(StuckLearner()))
@@ -180,7 +191,6 @@ def test_publish_returns_once_the_model_is_read_and_staging_runs_beside_the_next
     import threading
 
     from schemas.messages import WeightManifest, WeightsOffer
-    from stages.publisher import outlet as outlet_mod
 
     release = threading.Event()
     events: list[str] = []
@@ -208,12 +218,7 @@ def test_publish_returns_once_the_model_is_read_and_staging_runs_beside_the_next
             events.append(f"gather {self.version}")
             return {}
 
-    out = outlet_mod.WeightOutlet.__new__(outlet_mod.WeightOutlet)
-    out.ctx = type("Ctx", (), {"log": None})()
-    out.rank, out.sender, out.offers, out.ready_seen, out._canaried = 0, Sender(), Offers(), None, True
-    out.phase, out.shipping, out._reported, out.epoch, out.canary = "idle", None, "", 1, None
-    out.engine_dtype, out.device, out._staged = None, None, threading.Event()
-    out._staged.set()
+    out = bare_outlet(rank=0, sender=Sender(), offers=Offers())
     learner = Learner()
 
     async def scenario() -> None:
@@ -241,7 +246,6 @@ def test_a_read_in_the_training_thread_waits_for_the_last_staging_not_for_its_of
     import threading
 
     from schemas.messages import WeightManifest, WeightsOffer
-    from stages.publisher import outlet as outlet_mod
 
     staging, offering = threading.Event(), asyncio.Event()
     events: list[str] = []
@@ -271,12 +275,7 @@ def test_a_read_in_the_training_thread_waits_for_the_last_staging_not_for_its_of
             events.append(f"gather {self.version}")
             return {}
 
-    out = outlet_mod.WeightOutlet.__new__(outlet_mod.WeightOutlet)
-    out.ctx = type("Ctx", (), {"log": None})()
-    out.rank, out.sender, out.offers, out.ready_seen, out._canaried = 0, Sender(), Offers(), None, True
-    out.phase, out.shipping, out._reported, out.epoch, out.canary = "idle", None, "", 1, None
-    out.engine_dtype, out.device, out._staged = None, None, threading.Event()
-    out._staged.set()
+    out = bare_outlet(rank=0, sender=Sender(), offers=Offers())
     learner = Learner()
 
     async def scenario() -> None:
