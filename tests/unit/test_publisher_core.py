@@ -138,6 +138,17 @@ def bare_outlet(rank: int, sender, offers=None, log=None):
     return out
 
 
+class RecordingLearner:
+    """A learner whose parameter gather only notes ``gather <version>`` in ``events``."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events, self.version = events, 1
+
+    def full_parameters(self, dtype, device):
+        self.events.append(f"gather {self.version}")
+        return {}
+
+
 def test_a_publish_that_hangs_reports_its_phase_and_every_threads_stack(monkeypatch, capfd):
     """The watchdog fires while the publish is still stuck (not after it returns): a GPU
     stack once stalled inside a publish with nothing in any log."""
@@ -211,15 +222,8 @@ def test_publish_returns_once_the_model_is_read_and_staging_runs_beside_the_next
         async def send(self, offer):
             events.append(f"offer {offer.manifest.version}")
 
-    class Learner:
-        version = 1
-
-        def full_parameters(self, dtype, device):
-            events.append(f"gather {self.version}")
-            return {}
-
     out = bare_outlet(rank=0, sender=Sender(), offers=Offers())
-    learner = Learner()
+    learner = RecordingLearner(events)
 
     async def scenario() -> None:
         await asyncio.wait_for(out.publish(learner), 2.0)  # returns although staging blocks
@@ -268,15 +272,8 @@ def test_a_read_in_the_training_thread_waits_for_the_last_staging_not_for_its_of
                 await offering.wait()
             events.append(f"offer {offer.manifest.version}")
 
-    class Learner:
-        version = 1
-
-        def full_parameters(self, dtype, device):
-            events.append(f"gather {self.version}")
-            return {}
-
     out = bare_outlet(rank=0, sender=Sender(), offers=Offers())
-    learner = Learner()
+    learner = RecordingLearner(events)
 
     async def scenario() -> None:
         first = await asyncio.to_thread(out.read, learner)
