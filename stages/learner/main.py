@@ -45,12 +45,6 @@ from stages.learner.feed import StepBatch, broadcast_batch
 from stages.learner.trainer import Learner, StepResult
 from stages.publisher.outlet import WeightOutlet, WeightsRead
 
-THREAD_HOP_MS = 1.0
-"""What one hand-off from the event loop to a worker thread and back cost the CPU learner
-between two steps on the 2-core default stack (async, 2026-12-03: the batch broadcast, a
-no-op with one rank, took 1.3 ms a step as its own hop; the publish's read as its own hop
-3.2 ms, median). Hence one thread per step for all three (``train`` in ``run``)."""
-
 
 def _init_dist(ctx: StageContext, device: torch.device) -> None:
     s = ctx.stack
@@ -151,8 +145,9 @@ async def run(ctx: StageContext) -> None:
         is to be published, the publish's read of the new parameters (``outlet.read``, which
         first waits for the last version's staging). Returns (the batch, when training began
         and ended, the step's result, the read); no result for a stop. One hand-off to a
-        thread per step, where there were three (broadcast, step, read): each cost ~1 ms
-        between two steps on the learner's busy core (``THREAD_HOP_MS``)."""
+        thread per step, where there were three: on the 2-core default stack (async,
+        2026-12-03) the one-rank broadcast, a no-op, took 1.3 ms a step as its own hop and
+        the read 3.2 ms (medians), all of it between two steps on the learner's busy core."""
         batch = broadcast_batch(batch)
         t_train = time.perf_counter()
         if batch.stop:
@@ -218,11 +213,11 @@ async def run(ctx: StageContext) -> None:
                     if written and rank == 0:
                         # the source may now forget groups this checkpoint covers
                         await progress.send(report(learner.step, learner.version))
-        # The checkpoint first: the last offer may wait
-        # on engines that are draining too (a cuda_ipc sender waits for the previous
-        # version's buffers to be released), and a stop that ends the learner then must not
-        # have cost it its final checkpoint (GPU stack, 2026-12-02: killed after 14 s in
-        # the publish, the drain's checkpoint never written).
+        # The checkpoint first: the last offer may wait on engines that are draining too (a
+        # cuda_ipc sender waits for the previous version's buffers to be released), and a
+        # stop that ends the learner then must not have cost it its final checkpoint (GPU
+        # stack, 2026-12-02: killed after 14 s in the publish, the drain's checkpoint never
+        # written).
         await asyncio.to_thread(learner.save_checkpoint)
         if rank == 0:
             await progress.send(report(learner.step, learner.version))
