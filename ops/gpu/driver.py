@@ -44,6 +44,8 @@ STEPS: dict[str, tuple[list[str], int, str]] = {
     "learner": ([PY, "ops/bench/gpu_learner.py", "--profile"], 420,
                 "bench 4: learner tokens/s and MFU per micro-batch budget, eager and compiled; kernel profile"),
     "stack": ([PY, "ops/bench/gpu_stack.py", "--steps", "20", "--timeout", "245"], 540, "bench 5: GPU stack, async vs sync samples/s"),
+    "stack-tiny": ([PY, "ops/bench/async.py", "--stack", "ops/gpu-tiny.toml", "--steps", "150"], 300,
+                   "the default stack on one GPU (torch engine, cuda_ipc; no vLLM), async vs sync"),
     "learner-profile": ([PY, "ops/bench/gpu_learner.py", "--models", "qwen3-0.6b", "--steps", "3", "--profile"], 200,
                         "bench 4 for 0.6B with the top CUDA kernels of one step"),
     "weights-transports": ([PY, "ops/bench/weights.py", "--transport", "cuda_ipc", "--quick"], 200,
