@@ -170,6 +170,7 @@ async def run(ctx: StageContext) -> None:
             if read is not None:
                 publish_s = read.t_read - read.t0
                 await outlet.ship(read)  # rank 0: staging and offer beside the next step
+                read = None  # the staging then holds the only reference: the copy goes once staged
             ctx.weight_version = learner.version
             ctx.processed += len(batch.groups)
             ctx.in_flight = 0
