@@ -107,7 +107,8 @@ pairs 1.15-1.57 (median 1.38) against 0.97-1.24 (median 1.17) over four without.
 
 
 def worker_nice(stack: Stack, kind: str) -> int:
-    """The niceness ``kind``'s processes start with (0 for the learner and the publisher)."""
+    """The niceness ``kind``'s processes start with (0 for the source, the learner and the
+    publisher: only ``WORKER_STAGES`` yield)."""
     if kind not in WORKER_STAGES:
         return 0
     if stack.run.worker_nice is not None:

@@ -168,7 +168,7 @@ class WeightOutlet:
         step may change the parameters. Rank 0's staging and offer go on in ``shipping``
         while it trains; the next ``publish`` (or ``shipped``) waits for them first. The
         learner's step loop calls ``read`` in its training thread and ``ship`` instead."""
-        await self.shipped()
+        await self.shipped()  # here, cancellable; ``read`` would wait for the staging in a thread
         await self.ship(await asyncio.to_thread(self.read, learner))
 
     def read(self, learner: Any) -> WeightsRead:
